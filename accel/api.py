@@ -1,0 +1,78 @@
+"""The public verbs: compose a recipe, load its pipeline, apply it to any pipeline, undo it."""
+from __future__ import annotations
+
+from typing import Any, Union
+
+from omegaconf import DictConfig, OmegaConf
+
+from accel import registry
+from accel.config import compose as _compose
+from accel.config import setup, strategy_configs
+from accel.errors import AccelError
+from accel.models.loading import load_pipeline
+
+__all__ = ["compose", "load_pipeline", "apply", "Run"]
+
+_ACTIVE_ATTR = "_accel_run"
+
+
+def compose(recipe: str | None = None, overrides: list[str] = ()) -> DictConfig:
+    """The composed, validated recipe, exactly as `python -m accel recipe=NAME OVERRIDES...` sees it."""
+    setup()
+    return _compose(recipe, overrides)
+
+
+class Run:
+    """The strategies a recipe applied to one pipeline. `remove()` (or leaving `with`) undoes them
+    in reverse order, leaving the pipeline exactly as it was."""
+
+    def __init__(self, pipe, applied: list[tuple[str, str, Any]]):
+        self.pipe = pipe
+        self.applied = applied  # (stage, strategy name, handle), in the order applied
+
+    def stats(self) -> dict[str, dict]:
+        """Per stage, what its strategy did in the latest generation (e.g. cache hits per step)."""
+        return {stage: {"strategy": name, **handle.stats()} for stage, name, handle in self.applied}
+
+    def remove(self) -> None:
+        while self.applied:
+            self.applied.pop()[2].remove()
+        if getattr(self.pipe, _ACTIVE_ATTR, None) is self:
+            delattr(self.pipe, _ACTIVE_ATTR)
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return f"Run({', '.join(f'{stage}={name}' for stage, name, _ in self.applied) or 'nothing applied'})"
+
+
+def apply(pipe, recipe: Union[str, dict, DictConfig], overrides: list[str] = ()) -> Run:
+    """Apply a recipe's strategies (a recipe name, a composed recipe, or a plain dict of stage
+    configs) to `pipe`, stage by stage in `registry.STAGES` order."""
+    setup()
+    if isinstance(recipe, str):
+        recipe = compose(recipe, overrides)
+    elif overrides:
+        raise AccelError("overrides apply to a recipe name; merge them into the dict or DictConfig instead")
+    if isinstance(recipe, dict):
+        recipe = OmegaConf.create(recipe)
+    if getattr(pipe, _ACTIVE_ATTR, None) is not None:
+        raise AccelError(f"this pipeline already has {getattr(pipe, _ACTIVE_ATTR)!r} applied: remove() it first")
+    configs = strategy_configs(recipe)  # validate every stage before touching the pipeline
+    run = Run(pipe, [])
+    try:
+        for stage in registry.STAGES:
+            config = configs.get(stage)
+            if config is None or config.strategy == "none":
+                continue
+            handle = registry.get(stage, config.strategy).apply(pipe, config)
+            run.applied.append((stage, config.strategy, handle))
+    except BaseException:
+        run.remove()
+        raise
+    setattr(pipe, _ACTIVE_ATTR, run)
+    return run

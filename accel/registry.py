@@ -1,0 +1,121 @@
+"""The strategy registry: every transform a recipe can name, with its config schema and its stage.
+
+A recipe names strategies by registered name only; nothing a recipe says is imported or called
+outside this table.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from accel.errors import ConfigError
+
+# The order `apply` runs stages in, and the reverse of the order `remove` undoes them.
+# quant first: it replaces weights and linear layers that every later stage wraps or traces.
+# attention next: it swaps attention processors, which context parallelism then shards.
+# parallel before cache: a cache must take its decisions on the (sharded) tensors it will see.
+# compile last: it traces the module graph as every other stage left it, cache hooks included.
+STAGES = ("quant", "attention", "parallel", "cache", "compile")
+
+
+class Handle(Protocol):
+    """What applying a strategy returns: it can report what it did and be undone."""
+
+    def stats(self) -> dict[str, Any]: ...
+
+    def remove(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    stage: str
+    config_cls: type
+    apply: Callable[..., Handle]  # apply(pipe, config) -> Handle
+    doc: str = ""
+
+
+_STRATEGIES: dict[tuple[str, str], Strategy] = {}
+
+
+def register(name: str, stage: str, config_cls: type):
+    """Decorator registering `apply(pipe, config) -> Handle` as strategy `name` of `stage`."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
+
+    def decorate(apply: Callable[..., Handle]) -> Callable[..., Handle]:
+        key = (stage, name)
+        if key in _STRATEGIES:
+            raise ValueError(f"strategy {stage}/{name} is registered twice")
+        _STRATEGIES[key] = Strategy(name, stage, config_cls, apply, (apply.__doc__ or "").strip())
+        return apply
+
+    return decorate
+
+
+def names(stage: str) -> list[str]:
+    return sorted(name for s, name in _STRATEGIES if s == stage)
+
+
+def get(stage: str, name: str) -> Strategy:
+    try:
+        return _STRATEGIES[(stage, name)]
+    except KeyError:
+        raise ConfigError(
+            f"{stage}.strategy={name!r} is not a registered strategy; available: {', '.join(names(stage))}"
+        ) from None
+
+
+def all_strategies() -> list[Strategy]:
+    return [_STRATEGIES[k] for k in sorted(_STRATEGIES, key=lambda k: (STAGES.index(k[0]), k[1]))]
+
+
+def build_config(stage: str, node: Any):
+    """Validate one stage's config (a dict or DictConfig with a `strategy` key) into its dataclass.
+
+    Types and unknown keys are checked by OmegaConf against the schema; ranges by the dataclass's
+    own `__post_init__`. Errors name the field as `stage.field`.
+    """
+    if dataclasses.is_dataclass(node):
+        node = OmegaConf.structured(node)
+    if not isinstance(node, (dict, DictConfig)):
+        raise ConfigError(f"{stage}={node!r} must be a mapping with a 'strategy' key")
+    name = node.get("strategy", "none")
+    strategy = get(stage, name)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(strategy.config_cls), node)
+        return OmegaConf.to_object(merged)
+    except ConfigError as err:
+        raise ConfigError(f"{stage}.{err}") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{stage} ({name}): {describe_omegaconf_error(err)}") from None
+
+
+def describe_omegaconf_error(err: OmegaConfBaseException) -> str:
+    """OmegaConf's message, first line only, with the full key when it knows it."""
+    message = str(err).splitlines()[0]
+    key = getattr(err, "full_key", None)
+    return f"{message} (at {key})" if key and key not in message else message
+
+
+@dataclass
+class NoStrategy:
+    """The `none` option of a stage: applies nothing."""
+
+    strategy: str = "none"
+
+
+class NoHandle:
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+    def remove(self) -> None:
+        pass
+
+
+for _stage in STAGES:
+    register("none", _stage, NoStrategy)(lambda pipe, config: NoHandle())
