@@ -1,0 +1,110 @@
+"""Loading pipelines: real weights through diffusers' `from_pretrained`, or a tiny pipeline of the
+same architecture fabricated offline once, saved with `save_pretrained` and loaded back the same way.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from accel import resources
+from accel.errors import AccelError
+from accel.models.adapters import ADAPTERS
+
+TINY_FORMAT = 1  # bump when fabrication changes, so stale cached tiny pipelines are not reused
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AccelError(f"device={device!r} but torch sees no CUDA device; use device=cpu or device=auto")
+    return torch.device(device)
+
+
+def _as_model_config(model):
+    from omegaconf import DictConfig, OmegaConf
+
+    from accel.config import ModelConfig
+
+    if isinstance(model, ModelConfig):
+        return model
+    if isinstance(model, dict):
+        model = OmegaConf.create(model)
+    if isinstance(model, DictConfig):
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), model))
+    raise TypeError(f"expected a model config, got {type(model).__name__}")
+
+
+def tiny_pipeline_dir(model) -> Path:
+    """Where the tiny pipeline of `model` is (or will be) saved: named by a hash of what defines it."""
+    from accel.models.tiny import BUILDERS  # noqa: F401  (fabrication code is imported only when needed)
+
+    key = json.dumps({"arch": model.architecture, "tiny": dict(model.tiny), "seed": model.tiny_seed,
+                      "format": TINY_FORMAT}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return resources.cache_dir() / "tiny" / f"{model.architecture}-{digest}"
+
+
+def fabricate_tiny(model) -> Path:
+    """Build the tiny pipeline from its seed and save it, unless it is saved already."""
+    from accel.models.tiny import BUILDERS
+
+    target = tiny_pipeline_dir(model)
+    if (target / "model_index.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    pipe = BUILDERS[model.architecture](seed=model.tiny_seed, **dict(model.tiny))
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    pipe.save_pretrained(staging, safe_serialization=True)
+    try:
+        os.rename(staging, target)  # atomic: a concurrent fabrication of the same pipeline wins or loses whole
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _pretrained_location(model) -> str:
+    """A local folder, or a hub id present in the local cache; otherwise a clear error (or the id, when online)."""
+    if Path(model.pretrained).expanduser().is_dir():
+        return str(Path(model.pretrained).expanduser())
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(model.pretrained, revision=model.revision, local_files_only=True)
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+            raise AccelError(_missing_weights(model, "HF_HUB_OFFLINE is set")) from None
+        return model.pretrained
+
+
+def _missing_weights(model, why: str) -> str:
+    tiny = f"model={model.architecture}_tiny"
+    return (f"the weights of model.pretrained={model.pretrained!r} are not here ({why}): download them with "
+            f"`hf download {model.pretrained}` (or point model.pretrained at a local folder), "
+            f"or run the embedded tiny pipeline of the same architecture with {tiny}")
+
+
+def load_pipeline(model, device: str = "auto"):
+    """Load the pipeline a model config names, on `device`, in the config's dtype."""
+    model = _as_model_config(model)
+    adapter = ADAPTERS[model.architecture]
+    dtype = getattr(torch, model.dtype)
+    pipeline_type = adapter.pipeline_type()
+    if model.source == "tiny":
+        location, options = str(fabricate_tiny(model)), {}
+    else:
+        location = _pretrained_location(model)
+        options = {"revision": model.revision, "variant": model.variant}
+    try:
+        pipe = pipeline_type.from_pretrained(location, torch_dtype=dtype, use_safetensors=True, **options)
+    except (OSError, EnvironmentError) as err:
+        raise AccelError(_missing_weights(model, str(err).splitlines()[0])) from None
+    pipe.set_progress_bar_config(leave=False)
+    return pipe.to(resolve_device(device))

@@ -1,0 +1,6 @@
+"""Every registered strategy. Importing this package registers them all.
+
+Adding a strategy is one module here (registering itself with `accel.registry.register`), one
+line below and one YAML option in `conf/<stage>/`.
+"""
+from accel.strategies import fbcache, mbcache, teacache  # noqa: F401

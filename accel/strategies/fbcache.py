@@ -1,0 +1,63 @@
+"""First Block Cache (ParaAttention, WaveSpeed): run block 0; when its residual moved less than
+`residual_diff_threshold` (relative L1) since the last full step, skip every later block and add
+their residual from that step instead."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from accel.errors import require
+from accel.models.adapters import for_pipeline
+from accel.registry import register
+from accel.strategies.block_cache import BlockCache, CallState, relative_l1
+from accel.strategies.cache_controls import CacheControls
+
+
+class ResidualDiffDecider:
+    """Probes the residual of the first blocks (H_probe − H_input) against the last full step's."""
+
+    def __init__(self, thresholds: dict[int, float]):
+        self.thresholds = thresholds  # probe block index -> threshold
+
+    def probes(self, n_blocks: int) -> list[int]:
+        return sorted(self.thresholds)
+
+    def indicator(self, probe, call: CallState, hidden, block, args, kwargs) -> torch.Tensor:
+        return hidden - call.span_input[0]
+
+    def distance(self, probe: int, indicator: torch.Tensor, call: CallState) -> Optional[float]:
+        reference = call.branch.decider.get(probe)
+        if reference is None or reference.shape != indicator.shape:
+            return None
+        return relative_l1(indicator, reference)
+
+    def passes(self, probe: int, distance: float, call: CallState) -> bool:
+        return distance < self.thresholds[probe]
+
+    def end_call(self, call: CallState, computed: bool) -> None:
+        if computed:  # compare with the last *full* step, so drift cannot creep through a run of hits
+            call.branch.decider.update(call.indicators)
+
+    def must_compute(self, call: CallState) -> bool:
+        return False
+
+
+@dataclass
+class FBCacheConfig(CacheControls):
+    strategy: str = "fbcache"
+    residual_diff_threshold: float = 0.08  # 0: never cache (output equals the baseline)
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.residual_diff_threshold >= 0, "residual_diff_threshold", self.residual_diff_threshold,
+                ">= 0 (0 never caches)")
+
+
+@register("fbcache", stage="cache", config_cls=FBCacheConfig)
+def apply_fbcache(pipe, config: FBCacheConfig) -> BlockCache:
+    """First Block Cache: probe block 0's residual, skip all later blocks on a hit."""
+    adapter = for_pipeline(pipe)
+    decider = ResidualDiffDecider({0: config.residual_diff_threshold})
+    return BlockCache(pipe, adapter, config, decider, first_blocks=1, last_blocks=0)

@@ -1,0 +1,48 @@
+"""Multi-block cache (cache-dit's DBCache Fn/Bn, ComfyUI-Lightning's MBCache): always compute the first
+`first_blocks` and the last `last_blocks` blocks, probe the residual of the first ones, and cache the
+span between. With `probe: per_block`, probe after each of the first blocks and stop at the first one
+that passes (FBCache is first_blocks=1, last_blocks=0)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from accel.errors import AccelError, require
+from accel.models.adapters import for_pipeline
+from accel.registry import register
+from accel.strategies.block_cache import BlockCache
+from accel.strategies.cache_controls import CacheControls
+from accel.strategies.fbcache import ResidualDiffDecider
+
+PROBES = ("last_first_block", "per_block")
+
+
+@dataclass
+class MBCacheConfig(CacheControls):
+    strategy: str = "mbcache"
+    residual_diff_threshold: float = 0.08  # 0: never cache
+    first_blocks: int = 8  # Fn: always computed; their residual is the indicator
+    last_blocks: int = 0  # Bn: always computed after the cached span
+    probe: str = "last_first_block"  # or per_block: probe after each of the first blocks, exit at the first hit
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.residual_diff_threshold >= 0, "residual_diff_threshold", self.residual_diff_threshold,
+                ">= 0 (0 never caches)")
+        require(self.first_blocks >= 1, "first_blocks", self.first_blocks, ">= 1")
+        require(self.last_blocks >= 0, "last_blocks", self.last_blocks, ">= 0")
+        require(self.probe in PROBES, "probe", self.probe, f"one of {PROBES}")
+
+
+@register("mbcache", stage="cache", config_cls=MBCacheConfig)
+def apply_mbcache(pipe, config: MBCacheConfig) -> BlockCache:
+    """Multi-block cache: compute Fn first and Bn last blocks, cache the span between."""
+    adapter = for_pipeline(pipe)
+    n_blocks = len(adapter.blocks(adapter.denoiser(pipe)))
+    if config.first_blocks + config.last_blocks >= n_blocks:
+        raise AccelError(
+            f"cache.first_blocks={config.first_blocks} + cache.last_blocks={config.last_blocks} leaves no block "
+            f"to cache: this {adapter.architecture} model has {n_blocks} blocks, so Fn + Bn must be < {n_blocks}"
+        )
+    probes = range(config.first_blocks) if config.probe == "per_block" else [config.first_blocks - 1]
+    decider = ResidualDiffDecider({p: config.residual_diff_threshold for p in probes})
+    return BlockCache(pipe, adapter, config, decider, config.first_blocks, config.last_blocks)

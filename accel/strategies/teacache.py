@@ -1,0 +1,79 @@
+"""TeaCache: probe the timestep-modulated input of block 0, rescale its relative L1 change through a
+per-model polynomial, and accumulate it; while the sum stays under `rel_l1_threshold` reuse the whole
+stack's residual from the last full step. A full step resets the sum; first and last steps always
+compute. Coefficients: the model's published ones, or your own from `python -m accel.calibrate`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from accel.errors import AccelError, require
+from accel.models.adapters import BlockAdapter, for_pipeline
+from accel.registry import register
+from accel.strategies.block_cache import SPAN_INPUT, BlockCache, CallState, relative_l1
+from accel.strategies.cache_controls import CacheControls
+
+
+class ModulatedInputDecider:
+    def __init__(self, adapter: BlockAdapter, threshold: float, coefficients: list[float]):
+        self.adapter = adapter
+        self.threshold = threshold
+        self.rescale = np.poly1d(coefficients)
+
+    def probes(self, n_blocks: int) -> list[int]:
+        return [SPAN_INPUT]
+
+    def indicator(self, probe, call: CallState, hidden, block, args, kwargs) -> torch.Tensor:
+        return self.adapter.modulated_input(block.module, block, args, kwargs)
+
+    def distance(self, probe: int, indicator: torch.Tensor, call: CallState) -> Optional[float]:
+        previous = call.branch.decider.get("previous")
+        if previous is None or previous.shape != indicator.shape:
+            return None
+        return relative_l1(indicator, previous)
+
+    def passes(self, probe: int, distance: float, call: CallState) -> bool:
+        accumulated = call.branch.decider.get("accumulated", 0.0) + abs(float(self.rescale(distance)))
+        call.branch.decider["accumulated"] = accumulated
+        return accumulated < self.threshold
+
+    def end_call(self, call: CallState, computed: bool) -> None:
+        memory = call.branch.decider
+        memory["previous"] = call.indicators.get(SPAN_INPUT)  # TeaCache compares consecutive steps
+        if computed:
+            memory["accumulated"] = 0.0
+
+    def must_compute(self, call: CallState) -> bool:
+        return call.step >= call.total_steps - 1
+
+
+@dataclass
+class TeaCacheConfig(CacheControls):
+    strategy: str = "teacache"
+    rel_l1_threshold: float = 0.4  # 0: never cache. FLUX published: 0.25 -> 1.5x, 0.4 -> 1.8x, 0.6 -> 2.0x
+    coefficients: Optional[list[float]] = None  # rescale polynomial, highest order first; null: the model's published
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.rel_l1_threshold >= 0, "rel_l1_threshold", self.rel_l1_threshold, ">= 0 (0 never caches)")
+        require(self.coefficients is None or len(self.coefficients) >= 1, "coefficients", self.coefficients,
+                "null (published) or a list of polynomial coefficients, highest order first")
+
+
+@register("teacache", stage="cache", config_cls=TeaCacheConfig)
+def apply_teacache(pipe, config: TeaCacheConfig) -> BlockCache:
+    """TeaCache: accumulate the rescaled change of block 0's modulated input; skip every block while under the threshold."""
+    adapter = for_pipeline(pipe)
+    if adapter.modulated_input is None:
+        raise AccelError(f"cache=teacache needs a modulated-input probe, which the {adapter.architecture} adapter lacks")
+    coefficients = list(config.coefficients) if config.coefficients is not None else adapter.teacache_coefficients
+    if coefficients is None:
+        raise AccelError(
+            f"cache.coefficients=null but {adapter.architecture} has no published TeaCache coefficients: fit them with "
+            f"`python -m accel.calibrate recipe=...` and set cache.coefficients"
+        )
+    decider = ModulatedInputDecider(adapter, config.rel_l1_threshold, list(coefficients))
+    return BlockCache(pipe, adapter, config, decider, first_blocks=0, last_blocks=0)
