@@ -103,7 +103,7 @@ def load_pipeline(model, device: str = "auto"):
         location = _pretrained_location(model)
         options = {"revision": model.revision, "variant": model.variant}
     try:
-        pipe = pipeline_type.from_pretrained(location, torch_dtype=dtype, use_safetensors=True, **options)
+        pipe = pipeline_type.from_pretrained(location, dtype=dtype, use_safetensors=True, **options)
     except (OSError, EnvironmentError) as err:
         raise AccelError(_missing_weights(model, str(err).splitlines()[0])) from None
     pipe.set_progress_bar_config(leave=False)

@@ -1,0 +1,10 @@
+"""Tiny pipelines of each supported architecture, fabricated offline from a seed (random weights).
+
+Each builder returns an in-memory pipeline; `accel.models.loading` saves it once with
+`save_pretrained` and loads it back through `from_pretrained`, the same path real weights take.
+"""
+from accel.models.tiny import flux
+
+BUILDERS = {
+    "flux": flux.build,
+}

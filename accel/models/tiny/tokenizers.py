@@ -1,0 +1,55 @@
+"""Tokenizers built locally (no hub): a byte-level CLIP BPE and a character-level T5 Unigram.
+
+Every byte of a prompt maps to a token, so any prompt encodes; vocabularies are small enough for
+the tiny text encoders' embedding tables.
+"""
+from __future__ import annotations
+
+import json
+import string
+import tempfile
+from pathlib import Path
+
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import CLIPTokenizer, T5TokenizerFast
+
+CLIP_VOCAB_SIZE = 514  # 256 byte symbols, each also as a word end, plus start and end of text
+T5_VOCAB_SIZE = 3 + 2 * len(string.printable)
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's reversible map of the 256 byte values onto printable unicode characters."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    symbols, extra = [], 0
+    for byte in range(256):
+        if byte in printable:
+            symbols.append(chr(byte))
+        else:
+            symbols.append(chr(256 + extra))
+            extra += 1
+    return symbols
+
+
+def clip_tokenizer() -> CLIPTokenizer:
+    symbols = _bytes_to_unicode()
+    vocab = {s: i for i, s in enumerate(symbols)}
+    vocab.update({s + "</w>": 256 + i for i, s in enumerate(symbols)})
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = 512, 513
+    with tempfile.TemporaryDirectory() as folder:
+        vocab_file, merges_file = Path(folder) / "vocab.json", Path(folder) / "merges.txt"
+        vocab_file.write_text(json.dumps(vocab))
+        merges_file.write_text("#version: 0.2\n")
+        tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=77,
+                                  pad_token="<|endoftext|>")
+    return tokenizer
+
+
+def t5_tokenizer() -> T5TokenizerFast:
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [(c, -2.0) for c in string.printable] + [("▁" + c, -1.0) for c in string.printable]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                             special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tokenizer, model_max_length=512, pad_token="<pad>",
+                           eos_token="</s>", unk_token="<unk>", extra_ids=0)

@@ -1,0 +1,54 @@
+"""Small shared pieces of the tests: pipelines loaded through the real path, and call counters."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+import accel
+
+STEPS = 8
+
+
+@functools.lru_cache(maxsize=None)
+def _model_cfg(model: str):
+    return accel.compose(None, [f"model={model}"]).model
+
+
+def tiny_pipeline(model: str = "flux_tiny"):
+    """A fresh pipeline, fabricated once per machine and loaded through `from_pretrained`."""
+    return accel.load_pipeline(_model_cfg(model), device="cpu")
+
+
+def generate(pipe, seed: int = 0, **kwargs) -> torch.Tensor:
+    options = {"prompt": "a red fox in the snow", "num_inference_steps": STEPS, "height": 64, "width": 64,
+               "output_type": "pt"}
+    options.update(kwargs)
+    return pipe(**options, generator=torch.Generator("cpu").manual_seed(seed)).images
+
+
+def cache_recipe(**fields) -> dict:
+    return {"cache": {"strategy": "fbcache", **fields}}
+
+
+class CallCounter:
+    """Counts how often each block really computes, by hooking a module deep inside it."""
+
+    def __init__(self, modules):
+        self.counts = [0] * len(modules)
+        self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules)]
+
+    def _hook(self, index):
+        def hook(module, args, output):
+            self.counts[index] += 1
+
+        return hook
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def flux_blocks(pipe):
+    t = pipe.transformer
+    return list(t.transformer_blocks) + list(t.single_transformer_blocks)
