@@ -41,6 +41,7 @@ class ModelConfig:
     width: int = 1024
     steps: int = 28
     guidance_scale: Optional[float] = 3.5
+    num_frames: Optional[int] = None  # video models
 
     def __post_init__(self):
         from accel.models.adapters import ADAPTERS
@@ -52,6 +53,7 @@ class ModelConfig:
         require(self.dtype in DTYPES, "dtype", self.dtype, f"one of {DTYPES}")
         for name in ("height", "width", "steps"):
             require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
+        require(self.num_frames is None or self.num_frames >= 1, "num_frames", self.num_frames, ">= 1 or null")
 
 
 @dataclass
@@ -70,6 +72,7 @@ class AccelConfig:
     height: Optional[int] = None
     width: Optional[int] = None
     guidance_scale: Optional[float] = None
+    num_frames: Optional[int] = None  # video models; null: the model's default
     seed: int = 0
     batch_size: int = 1
     warmup: int = 1  # untimed generations before the timed ones (compilation, allocator warm-up)
@@ -87,7 +90,7 @@ def _register_schemas() -> None:
 
 
 def _validate_top_level(cfg: DictConfig) -> None:
-    for name in ("steps", "height", "width"):
+    for name in ("steps", "height", "width", "num_frames"):
         value = cfg.get(name)
         require(value is None or value >= 1, name, value, ">= 1 or null (the model's default)")
     require(cfg.batch_size >= 1, "batch_size", cfg.batch_size, ">= 1")

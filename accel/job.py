@@ -35,6 +35,9 @@ def generation_kwargs(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     guidance = cfg.guidance_scale if cfg.guidance_scale is not None else model.guidance_scale
     if guidance is not None:
         kwargs["guidance_scale"] = guidance
+    frames = cfg.num_frames or model.num_frames
+    if frames:
+        kwargs["num_frames"] = frames
     if cfg.negative_prompt:
         kwargs["negative_prompt"] = cfg.negative_prompt
     return kwargs

@@ -9,7 +9,9 @@ output, so the loop is the transformer alone):
 The caching threshold is the median first-block diff seen at threshold 0, so about half the steps
 can hit. Random weights make it unlike a real model's threshold; it measures mechanics, not quality.
 
-    python benchmarks/fbcache_overhead.py [--rounds 5] [--steps 28] [--model flux_tiny_bench]
+    python benchmarks/fbcache_overhead.py [--rounds 5] [--steps 28] [--model flux_tiny_bench] [overrides...]
+
+Overrides are recipe overrides, e.g. `model.dtype=bfloat16 model.tiny.num_layers=19`.
 """
 from __future__ import annotations
 
@@ -28,9 +30,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
-    cfg = accel.compose(None, [f"model={args.model}"])
+    cfg = accel.compose(None, [f"model={args.model}", *args.overrides])
     pipe = accel.load_pipeline(cfg.model, device=args.device)
     pipe.set_progress_bar_config(disable=True)
     device = pipe.transformer.device
@@ -42,14 +45,17 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        pipe(**call, generator=torch.Generator("cpu").manual_seed(0))
+        loop.latents = pipe(**call, generator=torch.Generator("cpu").manual_seed(0)).images
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
+    loop()
+    plain_latents = loop.latents
     with accel.apply(pipe, {"cache": {"strategy": "fbcache", "residual_diff_threshold": 0.0}}) as run:
         loop()
         diffs = [d for d in run.stats()["cache"]["diffs"][0] if d is not None]
+    identical = torch.equal(loop.latents, plain_latents)
     threshold = statistics.median(diffs)
 
     variants = {
@@ -75,7 +81,10 @@ def main() -> None:
     hit = stats[list(variants)[2]]
     ideal = args.steps * n_blocks / (hit["computed"] * n_blocks + hit["cached"])
     measured = plain / caching
-    print(f"device {device}, model {args.model} ({n_blocks} blocks), {args.steps} steps, {args.rounds} rounds")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"device {name}, model {args.model} {' '.join(args.overrides)} ({n_blocks} blocks, {cfg.model.dtype}), "
+          f"{args.steps} steps, {args.rounds} rounds")
+    print(f"threshold 0 output identical to plain: {identical}")
     for name in variants:
         print(f"  {name:<16} median {median[name]:.3f} s   (min {min(times[name]):.3f}, max {max(times[name]):.3f})")
     print(f"hook overhead at threshold 0:  {100 * (never / plain - 1):+.2f} %  (aim <= 2 %)")

@@ -24,6 +24,7 @@ class BlockIO:
     n_out: int = 1
     hidden_arg: str = "hidden_states"
     encoder_arg: str = "encoder_hidden_states"
+    fill: Any = None  # what a skipped block returns in its other output slots (UNet down blocks: no skip samples)
 
     def outputs(self, out) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         if self.hidden_out is None:
@@ -34,7 +35,7 @@ class BlockIO:
         """A block's return value carrying these streams (what a skipped block hands on)."""
         if self.hidden_out is None:
             return hidden
-        out: list[Any] = [None] * self.n_out
+        out: list[Any] = [self.fill] * self.n_out
         out[self.hidden_out] = hidden
         if self.encoder_out is not None:
             out[self.encoder_out] = encoder
@@ -74,12 +75,16 @@ class BlockAdapter:
     pipeline_class: str  # a diffusers pipeline class name
     denoiser_attr: str  # attribute of the pipeline holding the denoiser
     denoiser_class: str
-    block_lists: tuple[str, ...]  # attributes of the denoiser holding nn.ModuleLists, in execution order
+    block_lists: tuple[str, ...]  # attributes of the denoiser holding blocks (ModuleLists or one block), in execution order
     block_io: dict[str, BlockIO]  # by block class name
+    # What a cached residual is measured from. "probe": the output of the probe block, which every DiT
+    # block hands on unchanged in shape. "span_input": the input of block 0, because a UNet's blocks
+    # change resolution and only the span's input matches the last up block's output in shape; the
+    # probe is then compared by its output, as WaveSpeed does for UNets.
+    residual_base: str = "probe"
     modulated_input: Optional[ModulatedInput] = None
-    # TeaCache's published rescale polynomial (highest order first), where one exists
-    teacache_coefficients: Optional[tuple[float, ...]] = None
-    weights_hint: str = ""
+    # TeaCache's published rescale polynomial (highest order first) for a given denoiser, where one exists
+    teacache_coefficients: Optional[Callable[[nn.Module], Optional[tuple[float, ...]]]] = None
 
     def denoiser(self, pipe) -> nn.Module:
         return getattr(pipe, self.denoiser_attr)
@@ -87,7 +92,8 @@ class BlockAdapter:
     def blocks(self, denoiser: nn.Module) -> list[BoundBlock]:
         bound = []
         for attr in self.block_lists:
-            for module in getattr(denoiser, attr):
+            held = getattr(denoiser, attr)
+            for module in held if isinstance(held, nn.ModuleList) else [held]:
                 name = type(module).__name__
                 if name not in self.block_io:
                     raise AccelError(f"{self.architecture}: block class {name} in {attr} is not known to the adapter")
@@ -100,12 +106,31 @@ class BlockAdapter:
         return getattr(diffusers, self.pipeline_class)
 
 
-def _flux_modulated_input(module, block, args, kwargs):
+def _norm1_modulated_input(module, block, args, kwargs):
+    """(1 + scale) * LN(x) + shift from the block's AdaLayerNormZero, as TeaCache probes FLUX, SD3 and HunyuanVideo."""
     hidden = block.arg("hidden_states", args, kwargs)
     return module.norm1(hidden, emb=block.arg("temb", args, kwargs))[0]
 
 
-_DUAL_ENCODER_FIRST = BlockIO(hidden_out=1, encoder_out=0, n_out=2)
+def _timestep_embedding(module, block, args, kwargs):
+    """Wan's TeaCache probe: the timestep projection every block is modulated with."""
+    return block.arg("temb", args, kwargs)
+
+
+def _wan_coefficients(denoiser) -> Optional[tuple[float, ...]]:
+    """Wan 2.1's published coefficients by variant: T2V 1.3B (dim 1536) or 14B (dim 5120); I2V has 36 input channels."""
+    config = denoiser.config
+    dim = config.num_attention_heads * config.attention_head_dim
+    if config.in_channels == 36:
+        return None  # I2V coefficients differ by resolution (480P / 720P): set cache.coefficients
+    return {5120: (-5784.54975374, 5449.50911966, -1811.16591783, 256.27178429, -13.02252404)}.get(
+        dim, (2396.76752, -1311.10545, 201.331979, -8.29855975, 0.137887774))
+
+
+ENCODER_FIRST = BlockIO(hidden_out=1, encoder_out=0, n_out=2)  # blocks returning (encoder, hidden)
+HIDDEN_FIRST = BlockIO(hidden_out=0, encoder_out=1, n_out=2)  # blocks returning (hidden, encoder)
+HIDDEN_ONLY = BlockIO(hidden_out=None)  # blocks returning hidden states; text enters by cross-attention
+UNET_DOWN = BlockIO(hidden_out=0, n_out=2, fill=())  # (hidden, skip samples for the up blocks)
 
 ADAPTERS: dict[str, BlockAdapter] = {
     "flux": BlockAdapter(
@@ -114,9 +139,48 @@ ADAPTERS: dict[str, BlockAdapter] = {
         denoiser_attr="transformer",
         denoiser_class="FluxTransformer2DModel",
         block_lists=("transformer_blocks", "single_transformer_blocks"),
-        block_io={"FluxTransformerBlock": _DUAL_ENCODER_FIRST, "FluxSingleTransformerBlock": _DUAL_ENCODER_FIRST},
-        modulated_input=_flux_modulated_input,
-        teacache_coefficients=(498.651651, -283.781631, 55.8554382, -3.82021401, 0.264230861),
+        block_io={"FluxTransformerBlock": ENCODER_FIRST, "FluxSingleTransformerBlock": ENCODER_FIRST},
+        modulated_input=_norm1_modulated_input,
+        teacache_coefficients=lambda denoiser: (498.651651, -283.781631, 55.8554382, -3.82021401, 0.264230861),
+    ),
+    "sd3": BlockAdapter(
+        architecture="sd3",
+        pipeline_class="StableDiffusion3Pipeline",
+        denoiser_attr="transformer",
+        denoiser_class="SD3Transformer2DModel",
+        block_lists=("transformer_blocks",),
+        block_io={"JointTransformerBlock": ENCODER_FIRST},
+        modulated_input=_norm1_modulated_input,
+    ),
+    "hunyuan_video": BlockAdapter(
+        architecture="hunyuan_video",
+        pipeline_class="HunyuanVideoPipeline",
+        denoiser_attr="transformer",
+        denoiser_class="HunyuanVideoTransformer3DModel",
+        block_lists=("transformer_blocks", "single_transformer_blocks"),
+        block_io={"HunyuanVideoTransformerBlock": HIDDEN_FIRST, "HunyuanVideoSingleTransformerBlock": HIDDEN_FIRST},
+        modulated_input=_norm1_modulated_input,
+        teacache_coefficients=lambda denoiser: (733.226126, -401.131952, 67.5869174, -3.14987800, 0.0961237896),
+    ),
+    "sdxl": BlockAdapter(
+        architecture="sdxl",
+        pipeline_class="StableDiffusionXLPipeline",
+        denoiser_attr="unet",
+        denoiser_class="UNet2DConditionModel",
+        block_lists=("down_blocks", "mid_block", "up_blocks"),
+        block_io={"DownBlock2D": UNET_DOWN, "CrossAttnDownBlock2D": UNET_DOWN, "UNetMidBlock2DCrossAttn": HIDDEN_ONLY,
+                  "UpBlock2D": HIDDEN_ONLY, "CrossAttnUpBlock2D": HIDDEN_ONLY},
+        residual_base="span_input",
+    ),
+    "wan": BlockAdapter(
+        architecture="wan",
+        pipeline_class="WanPipeline",
+        denoiser_attr="transformer",
+        denoiser_class="WanTransformer3DModel",
+        block_lists=("blocks",),
+        block_io={"WanTransformerBlock": HIDDEN_ONLY},
+        modulated_input=_timestep_embedding,
+        teacache_coefficients=_wan_coefficients,
     ),
 }
 

@@ -14,6 +14,7 @@ timestep, so separate-call CFG keeps cond and uncond apart and nothing survives 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
 
@@ -98,6 +99,9 @@ class BlockCache:
         self.span_end = len(self.blocks) - last_blocks  # blocks [probe+1, span_end) are skipped on a hit
         self.probe_points = decider.probes(len(self.blocks))
         self.order = controls.forecast_order if controls.forecast == "taylor" else 0
+        self.from_span_input = adapter.residual_base == "span_input"
+        parameters = list(inspect.signature(self.denoiser.forward).parameters)
+        self.timestep_position = parameters.index("timestep") if "timestep" in parameters else None
         self.generation: Optional[Generation] = None
         self.call: Optional[CallState] = None
         self.last_generation: Optional[Generation] = None
@@ -151,7 +155,9 @@ class BlockCache:
         if gen is None:  # the denoiser called outside a pipeline call: run it plainly
             self.call = None
             return
-        timestep = kwargs.get("timestep", args[2] if len(args) > 2 else None)
+        timestep = kwargs.get("timestep")
+        if timestep is None and self.timestep_position is not None and self.timestep_position < len(args):
+            timestep = args[self.timestep_position]
         value = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else timestep
         if gen.step < 0 or value != gen.last_timestep:
             gen.step, gen.call_in_step = gen.step + 1, 0
@@ -211,7 +217,8 @@ class BlockCache:
         if distance is None:
             return
         call.last_diff = distance
-        if self._may_hit(probe, call, streams[0]) and self.decider.passes(probe, distance, call):
+        base = call.span_input[0] if self.from_span_input else streams[0]
+        if self._may_hit(probe, call, base) and self.decider.passes(probe, distance, call):
             call.hit_at = probe
 
     def _may_hit(self, probe: int, call: CallState, hidden: torch.Tensor) -> bool:
@@ -230,6 +237,8 @@ class BlockCache:
 
     def _apply_residual(self, call: CallState, hidden: torch.Tensor, encoder):
         hidden_forecast, encoder_forecast = call.branch.residuals[call.hit_at]
+        if self.from_span_input:
+            hidden = call.span_input[0]
         hidden = hidden + hidden_forecast.predict(call.step)
         if encoder_forecast is not None:
             encoder = encoder + encoder_forecast.predict(call.step)
@@ -238,6 +247,8 @@ class BlockCache:
     def _save_residuals(self, call: CallState, end: tuple) -> None:
         end_hidden, end_encoder = end
         for probe, (hidden, encoder) in call.probed.items():
+            if self.from_span_input:
+                hidden = call.span_input[0]
             saved = call.branch.residuals.get(probe)
             if saved is None or not saved[0].fits(end_hidden):
                 with_encoder = end_encoder is not None and encoder is not None

@@ -16,16 +16,18 @@ from accel.strategies.cache_controls import CacheControls
 
 
 class ResidualDiffDecider:
-    """Probes the residual of the first blocks (H_probe − H_input) against the last full step's."""
+    """Probes the residual of the first blocks (H_probe − H_input) against the last full step's; or,
+    where blocks change the resolution (UNets), the probe block's output itself."""
 
-    def __init__(self, thresholds: dict[int, float]):
+    def __init__(self, thresholds: dict[int, float], residual: bool = True):
         self.thresholds = thresholds  # probe block index -> threshold
+        self.residual = residual
 
     def probes(self, n_blocks: int) -> list[int]:
         return sorted(self.thresholds)
 
     def indicator(self, probe, call: CallState, hidden, block, args, kwargs) -> torch.Tensor:
-        return hidden - call.span_input[0]
+        return hidden - call.span_input[0] if self.residual else hidden
 
     def distance(self, probe: int, indicator: torch.Tensor, call: CallState) -> Optional[float]:
         reference = call.branch.decider.get(probe)
@@ -59,5 +61,5 @@ class FBCacheConfig(CacheControls):
 def apply_fbcache(pipe, config: FBCacheConfig) -> BlockCache:
     """First Block Cache: probe block 0's residual, skip all later blocks on a hit."""
     adapter = for_pipeline(pipe)
-    decider = ResidualDiffDecider({0: config.residual_diff_threshold})
+    decider = ResidualDiffDecider({0: config.residual_diff_threshold}, residual=adapter.residual_base == "probe")
     return BlockCache(pipe, adapter, config, decider, first_blocks=1, last_blocks=0)

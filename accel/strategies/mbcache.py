@@ -43,6 +43,12 @@ def apply_mbcache(pipe, config: MBCacheConfig) -> BlockCache:
             f"cache.first_blocks={config.first_blocks} + cache.last_blocks={config.last_blocks} leaves no block "
             f"to cache: this {adapter.architecture} model has {n_blocks} blocks, so Fn + Bn must be < {n_blocks}"
         )
+    if adapter.residual_base == "span_input" and config.last_blocks:
+        raise AccelError(
+            f"cache.last_blocks={config.last_blocks}: on {adapter.architecture} the cached span must reach the last "
+            "block (its blocks change resolution, so the residual is taken over the whole span); use last_blocks=0"
+        )
     probes = range(config.first_blocks) if config.probe == "per_block" else [config.first_blocks - 1]
-    decider = ResidualDiffDecider({p: config.residual_diff_threshold for p in probes})
+    decider = ResidualDiffDecider({p: config.residual_diff_threshold for p in probes},
+                                  residual=adapter.residual_base == "probe")
     return BlockCache(pipe, adapter, config, decider, config.first_blocks, config.last_blocks)

@@ -69,10 +69,12 @@ def apply_teacache(pipe, config: TeaCacheConfig) -> BlockCache:
     adapter = for_pipeline(pipe)
     if adapter.modulated_input is None:
         raise AccelError(f"cache=teacache needs a modulated-input probe, which the {adapter.architecture} adapter lacks")
-    coefficients = list(config.coefficients) if config.coefficients is not None else adapter.teacache_coefficients
+    coefficients = config.coefficients
+    if coefficients is None and adapter.teacache_coefficients is not None:
+        coefficients = adapter.teacache_coefficients(adapter.denoiser(pipe))
     if coefficients is None:
         raise AccelError(
-            f"cache.coefficients=null but {adapter.architecture} has no published TeaCache coefficients: fit them with "
+            f"cache.coefficients=null but this {adapter.architecture} model has no published TeaCache coefficients: fit them with "
             f"`python -m accel.calibrate recipe=...` and set cache.coefficients"
         )
     decider = ModulatedInputDecider(adapter, config.rel_l1_threshold, list(coefficients))

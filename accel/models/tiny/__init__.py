@@ -3,8 +3,10 @@
 Each builder returns an in-memory pipeline; `accel.models.loading` saves it once with
 `save_pretrained` and loads it back through `from_pretrained`, the same path real weights take.
 """
-from accel.models.tiny import flux
+from accel.models.tiny import flux, sd3, sdxl
 
 BUILDERS = {
     "flux": flux.build,
+    "sd3": sd3.build,
+    "sdxl": sdxl.build,
 }

@@ -1,0 +1,147 @@
+"""The cache guarantees on every supported architecture, each on its embedded tiny pipeline:
+off equals baseline, no state survives a generation, CFG branches stay apart, remove() restores,
+LoRAs loaded before or after still take effect, stochastic schedulers still work."""
+import pytest
+import torch
+
+import accel
+from accel.models.adapters import for_pipeline
+from tests.helpers import generate, tiny_pipeline
+
+MODELS = ["flux_tiny", "sd35_tiny", "sdxl_tiny"]
+ALWAYS = 1e9
+OFF = {"cache": {"strategy": "fbcache", "residual_diff_threshold": 0.0}}
+CACHING = {"cache": {"strategy": "fbcache", "residual_diff_threshold": ALWAYS, "max_consecutive_hits": 1}}
+CFG_CALLS = {  # a generation that runs classifier-free guidance, and how the pipeline runs it
+    "flux_tiny": dict(negative_prompt="blurry", true_cfg_scale=4.0),  # two denoiser calls per step
+    "sd35_tiny": dict(guidance_scale=5.0),  # one call on a batch of (uncond, cond)
+    "sdxl_tiny": dict(guidance_scale=5.0),
+}
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def model(request):
+    pipe = tiny_pipeline(request.param)
+    pipe.set_progress_bar_config(disable=True)
+    return request.param, pipe
+
+
+def test_off_equals_baseline_and_remove_restores(model):
+    _, pipe = model
+    baseline = generate(pipe)
+    with accel.apply(pipe, OFF) as run:
+        assert torch.equal(generate(pipe), baseline)
+        assert run.stats()["cache"]["cached"] == 0
+    with accel.apply(pipe, CACHING):
+        assert not torch.equal(generate(pipe), baseline)
+    assert torch.equal(generate(pipe), baseline)
+
+
+def test_no_state_survives_a_change_of_resolution_batch_or_steps(model):
+    _, pipe = model
+    calls = [dict(seed=1), dict(seed=2, height=32, width=48, num_inference_steps=5),
+             dict(seed=1, num_images_per_prompt=2, num_inference_steps=6)]
+    with accel.apply(pipe, CACHING):
+        together = [generate(pipe, **c) for c in calls]
+    for call, out in zip(calls, together):
+        with accel.apply(pipe, CACHING):
+            assert torch.equal(generate(pipe, **call), out)
+
+
+def _record_span(pipe, adapter):
+    """Per denoiser call: the hidden states a residual is measured from, and those leaving the last block."""
+    blocks = adapter.blocks(adapter.denoiser(pipe))
+    first, last, base, end = blocks[0], blocks[-1], [], []
+
+    def before_first(module, args, kwargs):
+        if adapter.residual_base == "span_input":
+            base.append(first.inputs(args, kwargs)[0].clone())
+
+    def after_first(module, args, kwargs, output):
+        if adapter.residual_base == "probe":
+            base.append(first.io.outputs(output)[0].clone())
+
+    def after_last(module, args, output):
+        end.append(last.io.outputs(output)[0].clone())
+
+    handles = [first.module.register_forward_pre_hook(before_first, with_kwargs=True),
+               first.module.register_forward_hook(after_first, with_kwargs=True),
+               last.module.register_forward_hook(after_last)]
+    return base, end, handles
+
+
+def test_cfg_branches_never_mix(model):
+    """With hits on odd steps, each branch's (or batch half's) hit must equal its own base plus its own
+    residual from the step before; mixed branches would add the other branch's residual."""
+    name, pipe = model
+    adapter = for_pipeline(pipe)
+    call = dict(CFG_CALLS[name], num_inference_steps=4)
+    base, end, handles = _record_span(pipe, adapter)
+    try:
+        generate(pipe, **call)
+        reference_base, reference_end = list(base), list(end)
+        base.clear(), end.clear()
+        with accel.apply(pipe, CACHING) as run:
+            generate(pipe, **call)
+            hit_map = run.stats()["cache"]["hit_map"]
+    finally:
+        for h in handles:
+            h.remove()
+    branches = len(hit_map)
+    assert branches == (2 if name == "flux_tiny" else 1) and all(m == "CHCH" for m in hit_map)
+    for branch in range(branches):
+        full, hit = branch, branches + branch  # step 0 and step 1 of this branch
+        expected = reference_base[hit] + (reference_end[full] - reference_base[full])
+        torch.testing.assert_close(end[hit], expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("lora_first", [True, False])
+def test_a_lora_loaded_before_or_after_the_cache_takes_effect(model, lora_first):
+    from peft import LoraConfig
+
+    name, _ = model
+    pipe = tiny_pipeline(name)  # a pipeline of its own: the LoRA stays in it
+    pipe.set_progress_bar_config(disable=True)
+    denoiser = for_pipeline(pipe).denoiser(pipe)
+    baseline = generate(pipe)
+    lora = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False)
+    if lora_first:
+        denoiser.add_adapter(lora)
+        with_lora = generate(pipe)
+        run = accel.apply(pipe, OFF)
+    else:
+        run = accel.apply(pipe, OFF)
+        denoiser.add_adapter(lora)
+        with_lora = None
+    cached = generate(pipe)
+    run.remove()
+    plain_lora = generate(pipe)
+    assert not torch.equal(plain_lora, baseline)  # the LoRA changes the output...
+    assert torch.equal(cached, plain_lora)  # ...under the cache as without it
+    if with_lora is not None:
+        assert torch.equal(with_lora, plain_lora)
+
+
+def test_stochastic_schedulers_still_work(model):
+    name, pipe = model
+    from diffusers import EulerAncestralDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+
+    original = pipe.scheduler
+    if isinstance(original, FlowMatchEulerDiscreteScheduler):
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(original.config, stochastic_sampling=True)
+    else:
+        pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(original.config)
+    def noisy_generate():
+        torch.manual_seed(0)  # some schedulers draw their step noise from the global generator
+        return generate(pipe)
+
+    try:
+        baseline = noisy_generate()
+        with accel.apply(pipe, OFF):
+            assert torch.equal(noisy_generate(), baseline)
+        with accel.apply(pipe, CACHING) as run:
+            out = noisy_generate()
+            assert run.stats()["cache"]["cached"] > 0
+        assert torch.isfinite(out).all()
+    finally:
+        pipe.scheduler = original
