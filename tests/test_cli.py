@@ -92,3 +92,16 @@ def test_missing_weights_name_the_tiny_alternative_and_where_it_stopped(tmp_path
     assert "model=flux_tiny" in result.stderr and "stopped during load" in result.stderr
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["failed_at"] == "load"
+
+
+def test_calibration_writes_a_cache_option_recipes_can_use(tmp_path):
+    run_dir = tmp_path / "cal"
+    result = subprocess.run([sys.executable, "-m", "accel.calibrate", "model=flux_tiny", "steps=4",
+                             f"hydra.run.dir={run_dir}"], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert result.returncode == 0, result.stderr
+    option = OmegaConf.load(run_dir / "conf" / "cache" / "teacache_calibrated.yaml")
+    cfg = accel.compose(None, ["model=flux_tiny", f"hydra.searchpath=[file://{run_dir / 'conf'}]",
+                               "cache=teacache_calibrated"])
+    assert cfg.cache.strategy == "teacache" and list(cfg.cache.coefficients) == list(option.coefficients)
+    assert len(option.coefficients) == 5

@@ -213,12 +213,14 @@ class BlockCache:
         call.probed[probe] = streams
         indicator = self.decider.indicator(probe, call, streams[0], block, args, kwargs)
         call.indicators[probe] = indicator
+        base = call.span_input[0] if self.from_span_input else streams[0]
+        if not self._may_hit(probe, call, base):
+            return  # no distance either: reading it back (.item()) would stall the device for nothing
         distance = self.decider.distance(probe, indicator, call)
         if distance is None:
             return
         call.last_diff = distance
-        base = call.span_input[0] if self.from_span_input else streams[0]
-        if self._may_hit(probe, call, base) and self.decider.passes(probe, distance, call):
+        if self.decider.passes(probe, distance, call):
             call.hit_at = probe
 
     def _may_hit(self, probe: int, call: CallState, hidden: torch.Tensor) -> bool:
