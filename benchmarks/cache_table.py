@@ -11,41 +11,24 @@ not the quality a real model would keep.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
-import time
 
 import numpy as np
-import torch
 
 import accel
+from accel.models.adapters import ADAPTERS
 from accel.report import quality
+from common import describe, load, parse_args, timed
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="flux_tiny_bench")
-    parser.add_argument("--steps", type=int, default=28)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
-
-    cfg = accel.compose(None, [f"model={args.model}", *args.overrides])
-    pipe = accel.load_pipeline(cfg.model, device=args.device)
-    pipe.set_progress_bar_config(disable=True)
-    device = pipe.transformer.device
+    args = parse_args(__doc__, rounds=3)
+    cfg, pipe = load(args)
     call = dict(prompt="a red fox in fresh snow", num_inference_steps=args.steps, height=cfg.model.height,
                 width=cfg.model.width, output_type="np")
 
-    def generate() -> tuple[np.ndarray, float]:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        images = pipe(**call, generator=torch.Generator("cpu").manual_seed(0)).images
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return images, time.perf_counter() - start
+    def generate():
+        return timed(pipe, call)
 
     def observed_diffs(cache: dict) -> list[float]:
         with accel.apply(pipe, {"cache": cache}) as run:
@@ -57,7 +40,7 @@ def main() -> None:
     fb_diffs = observed_diffs({"strategy": "fbcache", "residual_diff_threshold": 0.0})
     mb_diffs = observed_diffs({"strategy": "mbcache", "residual_diff_threshold": 0.0, "first_blocks": fn, "last_blocks": bn})
     tea_diffs = observed_diffs({"strategy": "teacache", "rel_l1_threshold": 0.0})
-    rescale = np.poly1d(accel.models.adapters.ADAPTERS["flux"].teacache_coefficients(pipe.transformer))
+    rescale = np.poly1d(ADAPTERS["flux"].teacache_coefficients(pipe.transformer))
     tea_step = statistics.median(abs(float(rescale(d))) for d in tea_diffs)
 
     variants: dict[str, dict] = {}
@@ -86,9 +69,7 @@ def main() -> None:
                 results[name] = (images, run.stats()["cache"])
 
     base = statistics.median(times["baseline"])
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"device {name}; model {args.model} {' '.join(args.overrides)} ({n_blocks} blocks, {cfg.model.dtype}); "
-          f"{args.steps} steps; median of {args.rounds} rounds; baseline {base:.3f} s per image")
+    print(f"{describe(pipe, cfg, args, n_blocks)} (medians); baseline {base:.3f} s per image")
     print("| cache | threshold | forecast | computed/cached | speedup | PSNR vs baseline (dB) | max abs diff |")
     print("|---|---|---|---|---|---|---|")
     for label, cache in variants.items():

@@ -15,40 +15,24 @@ Overrides are recipe overrides, e.g. `model.dtype=bfloat16 model.tiny.num_layers
 """
 from __future__ import annotations
 
-import argparse
 import statistics
-import time
 
 import torch
 
 import accel
+from common import describe, load, parse_args, timed
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="flux_tiny_bench")
-    parser.add_argument("--steps", type=int, default=28)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
-
-    cfg = accel.compose(None, [f"model={args.model}", *args.overrides])
-    pipe = accel.load_pipeline(cfg.model, device=args.device)
-    pipe.set_progress_bar_config(disable=True)
-    device = pipe.transformer.device
-    prompt_embeds, pooled, _ = pipe.encode_prompt("a red fox in fresh snow", prompt_2=None, device=device)
+    args = parse_args(__doc__, rounds=5)
+    cfg, pipe = load(args)
+    prompt_embeds, pooled, _ = pipe.encode_prompt("a red fox in fresh snow", prompt_2=None, device=pipe.device)
     call = dict(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, num_inference_steps=args.steps,
                 height=cfg.model.height, width=cfg.model.width, output_type="latent")
 
     def loop() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        loop.latents = pipe(**call, generator=torch.Generator("cpu").manual_seed(0)).images
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
+        loop.latents, seconds = timed(pipe, call)
+        return seconds
 
     loop()
     plain_latents = loop.latents
@@ -81,9 +65,7 @@ def main() -> None:
     hit = stats[list(variants)[2]]
     ideal = args.steps * n_blocks / (hit["computed"] * n_blocks + hit["cached"])
     measured = plain / caching
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"device {name}, model {args.model} {' '.join(args.overrides)} ({n_blocks} blocks, {cfg.model.dtype}), "
-          f"{args.steps} steps, {args.rounds} rounds")
+    print(describe(pipe, cfg, args, n_blocks))
     print(f"threshold 0 output identical to plain: {identical}")
     for name in variants:
         print(f"  {name:<16} median {median[name]:.3f} s   (min {min(times[name]):.3f}, max {max(times[name]):.3f})")

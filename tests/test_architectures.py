@@ -49,20 +49,24 @@ def test_no_state_survives_a_change_of_resolution_batch_or_steps(model):
 
 
 def _record_span(pipe, adapter):
-    """Per denoiser call: the hidden states a residual is measured from, and those leaving the last block."""
+    """Per denoiser call: the (hidden, encoder) streams a residual is measured from, and those leaving
+    the last block (encoder None where a block does not return it)."""
     blocks = adapter.blocks(adapter.denoiser(pipe))
     first, last, base, end = blocks[0], blocks[-1], [], []
 
+    def clone(streams):
+        return tuple(None if s is None else s.clone() for s in streams)
+
     def before_first(module, args, kwargs):
         if adapter.residual_base == "span_input":
-            base.append(first.inputs(args, kwargs)[0].clone())
+            base.append(clone(first.inputs(args, kwargs)))
 
     def after_first(module, args, kwargs, output):
         if adapter.residual_base == "probe":
-            base.append(first.io.outputs(output)[0].clone())
+            base.append(clone(first.io.outputs(output)))
 
     def after_last(module, args, output):
-        end.append(last.io.outputs(output)[0].clone())
+        end.append(clone(last.io.outputs(output)))
 
     handles = [first.module.register_forward_pre_hook(before_first, with_kwargs=True),
                first.module.register_forward_hook(after_first, with_kwargs=True),
@@ -91,8 +95,11 @@ def test_cfg_branches_never_mix(model):
     assert branches == (2 if name == "flux_tiny" else 1) and all(m == "CHCH" for m in hit_map)
     for branch in range(branches):
         full, hit = branch, branches + branch  # step 0 and step 1 of this branch
-        expected = reference_base[hit] + (reference_end[full] - reference_base[full])
-        torch.testing.assert_close(end[hit], expected, rtol=0, atol=1e-5)
+        for stream in (0, 1):  # hidden, and encoder where the last block returns it
+            if end[hit][stream] is None:
+                continue
+            expected = reference_base[hit][stream] + (reference_end[full][stream] - reference_base[full][stream])
+            torch.testing.assert_close(end[hit][stream], expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("lora_first", [True, False])

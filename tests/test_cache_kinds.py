@@ -5,19 +5,9 @@ import torch
 
 import accel
 from accel.errors import AccelError, ConfigError
-from tests.helpers import STEPS, CallCounter, flux_blocks, generate, tiny_pipeline
+from tests.helpers import STEPS, CallCounter, flux_blocks, generate
 
 ALWAYS = 1e9
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_pipeline()
-
-
-@pytest.fixture(scope="module")
-def baseline(pipe):
-    return generate(pipe)
 
 
 def run_cache(pipe, **cache):

@@ -242,8 +242,8 @@ class BlockCache:
         if self.from_span_input:
             hidden = call.span_input[0]
         hidden = hidden + hidden_forecast.predict(call.step)
-        if encoder_forecast is not None:
-            encoder = encoder + encoder_forecast.predict(call.step)
+        # no encoder residual: the span's last block returns no encoder states (SD3's last block)
+        encoder = encoder + encoder_forecast.predict(call.step) if encoder_forecast is not None else None
         return hidden, encoder
 
     def _save_residuals(self, call: CallState, end: tuple) -> None:
