@@ -21,7 +21,7 @@ from accel import resources
 from accel.config import setup, validate
 from accel.errors import AccelError
 from accel.models.adapters import for_pipeline
-from accel.models.loading import load_pipeline, resolve_device
+from accel.models.loading import load_pipeline
 from accel.strategies.block_cache import relative_l1
 
 setup()
@@ -45,15 +45,23 @@ class DiffRecorder:
         blocks = adapter.blocks(adapter.denoiser(pipe))
         self.first, self.last = blocks[0], blocks[-1]
         self.pairs: list[tuple[float, float]] = []
-        self.previous: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.call = 0
+        self.new_generation()
         self.handles = [
+            adapter.denoiser(pipe).register_forward_pre_hook(self._before_denoiser, with_kwargs=True),
             self.first.module.register_forward_pre_hook(self._before_first, with_kwargs=True),
             self.last.module.register_forward_hook(self._after_last),
         ]
 
-    def new_generation(self, branches: int) -> None:
-        self.previous, self.call, self.branches = {}, 0, branches
+    def new_generation(self) -> None:
+        self.previous: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.timestep, self.branch = None, 0
+
+    def _before_denoiser(self, module, args, kwargs):
+        # calls at the same timestep are the CFG branches of one step, as the caches count them
+        timestep = kwargs.get("timestep")
+        value = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else timestep
+        self.branch = self.branch + 1 if value == self.timestep else 0
+        self.timestep = value
 
     def _before_first(self, module, args, kwargs):
         self.modulated = self.adapter.modulated_input(module, self.first, args, kwargs)
@@ -61,8 +69,7 @@ class DiffRecorder:
 
     def _after_last(self, module, args, output):
         residual = self.last.io.outputs(output)[0] - self.span_input
-        branch = self.call % self.branches
-        self.call += 1
+        branch = self.branch
         if branch in self.previous:
             before_input, before_residual = self.previous[branch]
             self.pairs.append((relative_l1(self.modulated, before_input), relative_l1(residual, before_residual)))
@@ -75,10 +82,9 @@ class DiffRecorder:
 
 def calibrate(pipe, call_kwargs: dict, prompts=PROMPTS, order: int = 4, seed: int = 0) -> tuple[list[float], np.ndarray]:
     recorder = DiffRecorder(pipe)
-    separate_cfg = bool(call_kwargs.get("negative_prompt")) and call_kwargs.get("true_cfg_scale", 1.0) > 1.0
     try:
         for i, prompt in enumerate(prompts):
-            recorder.new_generation(branches=2 if separate_cfg else 1)
+            recorder.new_generation()
             pipe(**{**call_kwargs, "prompt": prompt}, generator=torch.Generator("cpu").manual_seed(seed + i))
     finally:
         recorder.remove()
@@ -95,7 +101,7 @@ def main(cfg: DictConfig) -> None:
     try:
         validate(cfg)
         pipe = load_pipeline(cfg.model, cfg.device)
-        kwargs = generation_kwargs(cfg, resolve_device(cfg.device))
+        kwargs = generation_kwargs(cfg, pipe)
         kwargs.pop("prompt")
         coefficients, pairs = calibrate(pipe, kwargs, seed=cfg.seed)
     except AccelError as err:

@@ -4,6 +4,7 @@ A failure says which stage it stopped in, and the report written so far stays in
 """
 from __future__ import annotations
 
+import inspect
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -22,14 +23,16 @@ class StageFailed(AccelError):
     pass
 
 
-def generation_kwargs(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
+def generation_kwargs(cfg: DictConfig, pipe) -> dict[str, Any]:
     model = cfg.model
+    accepted = inspect.signature(pipe.__call__).parameters
+    per_prompt = "num_images_per_prompt" if "num_images_per_prompt" in accepted else "num_videos_per_prompt"
     kwargs = {
         "prompt": cfg.prompt,
         "num_inference_steps": cfg.steps or model.steps,
         "height": cfg.height or model.height,
         "width": cfg.width or model.width,
-        "num_images_per_prompt": cfg.batch_size,
+        per_prompt: cfg.batch_size,
         "output_type": "np",
     }
     guidance = cfg.guidance_scale if cfg.guidance_scale is not None else model.guidance_scale
@@ -115,7 +118,7 @@ def run_job(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None) -> d
         report["timings"]["apply_s"] = time.perf_counter() - start
 
         stage = "generate"
-        kwargs = generation_kwargs(cfg, device)
+        kwargs = generation_kwargs(cfg, pipe)
         steps = kwargs["num_inference_steps"]
         output, first_call, times = _timed_runs(pipe, kwargs, cfg, device)
         report["timings"]["first_call_s"] = first_call

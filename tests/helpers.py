@@ -24,7 +24,8 @@ def generate(pipe, seed: int = 0, **kwargs) -> torch.Tensor:
     options = {"prompt": "a red fox in the snow", "num_inference_steps": STEPS, "height": 64, "width": 64,
                "output_type": "pt"}
     options.update(kwargs)
-    return pipe(**options, generator=torch.Generator("cpu").manual_seed(seed)).images
+    output = pipe(**options, generator=torch.Generator("cpu").manual_seed(seed))
+    return output.frames if hasattr(output, "frames") else output.images
 
 
 def cache_recipe(**fields) -> dict:

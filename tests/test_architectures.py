@@ -8,7 +8,8 @@ import accel
 from accel.models.adapters import for_pipeline
 from tests.helpers import generate, tiny_pipeline
 
-MODELS = ["flux_tiny", "sd35_tiny", "sdxl_tiny"]
+MODELS = ["flux_tiny", "sd35_tiny", "sdxl_tiny", "wan_tiny", "hunyuan_video_tiny"]
+VIDEO = dict(height=32, width=32, num_frames=5)
 ALWAYS = 1e9
 OFF = {"cache": {"strategy": "fbcache", "residual_diff_threshold": 0.0}}
 CACHING = {"cache": {"strategy": "fbcache", "residual_diff_threshold": ALWAYS, "max_consecutive_hits": 1}}
@@ -16,7 +17,14 @@ CFG_CALLS = {  # a generation that runs classifier-free guidance, and how the pi
     "flux_tiny": dict(negative_prompt="blurry", true_cfg_scale=4.0),  # two denoiser calls per step
     "sd35_tiny": dict(guidance_scale=5.0),  # one call on a batch of (uncond, cond)
     "sdxl_tiny": dict(guidance_scale=5.0),
+    "wan_tiny": dict(VIDEO, guidance_scale=5.0),  # two denoiser calls per step
+    "hunyuan_video_tiny": dict(VIDEO, negative_prompt="blurry", true_cfg_scale=4.0),  # two calls per step
 }
+SEPARATE_CALL_CFG = {"flux_tiny", "wan_tiny", "hunyuan_video_tiny"}
+
+
+def video_call(name: str) -> dict:
+    return VIDEO if name in ("wan_tiny", "hunyuan_video_tiny") else {}
 
 
 @pytest.fixture(scope="module", params=MODELS)
@@ -26,26 +34,31 @@ def model(request):
     return request.param, pipe
 
 
+def run(name, pipe, **kwargs):
+    return generate(pipe, **{**video_call(name), **kwargs})
+
+
 def test_off_equals_baseline_and_remove_restores(model):
-    _, pipe = model
-    baseline = generate(pipe)
-    with accel.apply(pipe, OFF) as run:
-        assert torch.equal(generate(pipe), baseline)
-        assert run.stats()["cache"]["cached"] == 0
+    name, pipe = model
+    baseline = run(name, pipe)
+    with accel.apply(pipe, OFF) as applied:
+        assert torch.equal(run(name, pipe), baseline)
+        assert applied.stats()["cache"]["cached"] == 0
     with accel.apply(pipe, CACHING):
-        assert not torch.equal(generate(pipe), baseline)
-    assert torch.equal(generate(pipe), baseline)
+        assert not torch.equal(run(name, pipe), baseline)
+    assert torch.equal(run(name, pipe), baseline)
 
 
 def test_no_state_survives_a_change_of_resolution_batch_or_steps(model):
-    _, pipe = model
+    name, pipe = model
+    batch = "num_videos_per_prompt" if video_call(name) else "num_images_per_prompt"
     calls = [dict(seed=1), dict(seed=2, height=32, width=48, num_inference_steps=5),
-             dict(seed=1, num_images_per_prompt=2, num_inference_steps=6)]
+             {"seed": 1, batch: 2, "num_inference_steps": 6}]
     with accel.apply(pipe, CACHING):
-        together = [generate(pipe, **c) for c in calls]
+        together = [run(name, pipe, **c) for c in calls]
     for call, out in zip(calls, together):
         with accel.apply(pipe, CACHING):
-            assert torch.equal(generate(pipe, **call), out)
+            assert torch.equal(run(name, pipe, **call), out)
 
 
 def _record_span(pipe, adapter):
@@ -85,14 +98,14 @@ def test_cfg_branches_never_mix(model):
         generate(pipe, **call)
         reference_base, reference_end = list(base), list(end)
         base.clear(), end.clear()
-        with accel.apply(pipe, CACHING) as run:
+        with accel.apply(pipe, CACHING) as applied:
             generate(pipe, **call)
-            hit_map = run.stats()["cache"]["hit_map"]
+            hit_map = applied.stats()["cache"]["hit_map"]
     finally:
         for h in handles:
             h.remove()
     branches = len(hit_map)
-    assert branches == (2 if name == "flux_tiny" else 1) and all(m == "CHCH" for m in hit_map)
+    assert branches == (2 if name in SEPARATE_CALL_CFG else 1) and all(m == "CHCH" for m in hit_map)
     for branch in range(branches):
         full, hit = branch, branches + branch  # step 0 and step 1 of this branch
         for stream in (0, 1):  # hidden, and encoder where the last block returns it
@@ -110,19 +123,19 @@ def test_a_lora_loaded_before_or_after_the_cache_takes_effect(model, lora_first)
     pipe = tiny_pipeline(name)  # a pipeline of its own: the LoRA stays in it
     pipe.set_progress_bar_config(disable=True)
     denoiser = for_pipeline(pipe).denoiser(pipe)
-    baseline = generate(pipe)
+    baseline = run(name, pipe)
     lora = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False)
     if lora_first:
         denoiser.add_adapter(lora)
-        with_lora = generate(pipe)
-        run = accel.apply(pipe, OFF)
+        with_lora = run(name, pipe)
+        applied = accel.apply(pipe, OFF)
     else:
-        run = accel.apply(pipe, OFF)
+        applied = accel.apply(pipe, OFF)
         denoiser.add_adapter(lora)
         with_lora = None
-    cached = generate(pipe)
-    run.remove()
-    plain_lora = generate(pipe)
+    cached = run(name, pipe)
+    applied.remove()
+    plain_lora = run(name, pipe)
     assert not torch.equal(plain_lora, baseline)  # the LoRA changes the output...
     assert torch.equal(cached, plain_lora)  # ...under the cache as without it
     if with_lora is not None:
@@ -140,15 +153,15 @@ def test_stochastic_schedulers_still_work(model):
         pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(original.config)
     def noisy_generate():
         torch.manual_seed(0)  # some schedulers draw their step noise from the global generator
-        return generate(pipe)
+        return run(name, pipe)
 
     try:
         baseline = noisy_generate()
         with accel.apply(pipe, OFF):
             assert torch.equal(noisy_generate(), baseline)
-        with accel.apply(pipe, CACHING) as run:
+        with accel.apply(pipe, CACHING) as applied:
             out = noisy_generate()
-            assert run.stats()["cache"]["cached"] > 0
+            assert applied.stats()["cache"]["cached"] > 0
         assert torch.isfinite(out).all()
     finally:
         pipe.scheduler = original

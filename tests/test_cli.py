@@ -105,3 +105,14 @@ def test_calibration_writes_a_cache_option_recipes_can_use(tmp_path):
                                "cache=teacache_calibrated"])
     assert cfg.cache.strategy == "teacache" and list(cfg.cache.coefficients) == list(option.coefficients)
     assert len(option.coefficients) == 5
+
+
+def test_video_models_save_animations(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_accel("recipe=wan_fbcache", "model=wan_tiny", "steps=4", "warmup=0", f"hydra.run.dir={run_dir}",
+                       cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    from PIL import Image
+
+    with Image.open(run_dir / "image_00.gif") as animation:
+        assert animation.n_frames == 5

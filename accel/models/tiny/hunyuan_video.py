@@ -1,0 +1,45 @@
+"""A tiny HunyuanVideo pipeline with random weights: dual- and single-stream blocks, a 3D VAE, a Llama
+text encoder (with a local tokenizer that knows the pipeline's prompt template) and CLIP."""
+from __future__ import annotations
+
+import re
+
+import torch
+from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline,
+                       HunyuanVideoTransformer3DModel)
+from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+from transformers import LlamaConfig, LlamaModel
+
+from accel.models.tiny import tokenizers
+from accel.models.tiny.flux import TEXT_DIM, tiny_clip
+
+
+def build(seed: int = 0, **transformer_overrides) -> HunyuanVideoPipeline:
+    torch.manual_seed(seed)
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        act_fn="silu", norm_num_groups=4, scaling_factor=0.476986, spatial_compression_ratio=8,
+        temporal_compression_ratio=4, mid_block_add_attention=True)
+    transformer_config = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=2,
+                              num_single_layers=2, num_refiner_layers=1, patch_size=1, patch_size_t=1,
+                              guidance_embeds=True, text_embed_dim=TEXT_DIM, pooled_projection_dim=TEXT_DIM,
+                              rope_axes_dim=(2, 4, 4))
+    transformer_config.update(transformer_overrides)
+    transformer = HunyuanVideoTransformer3DModel(**transformer_config)
+    # the pipeline crops the first 95 tokens (the template) off the text embedding: with the template's
+    # words whole and punctuation apart, this vocabulary puts exactly 95 tokens before the prompt too
+    template_text = re.sub(r"<\|[a-z_]+\|>|\{\}", " ", DEFAULT_PROMPT_TEMPLATE["template"])
+    tokenizer = tokenizers.llama_tokenizer(" ".join(word.strip(".:,") for word in template_text.split()))
+    text_encoder = LlamaModel(LlamaConfig(
+        hidden_size=TEXT_DIM, intermediate_size=64, num_attention_heads=2, num_key_value_heads=2, num_hidden_layers=3,
+        vocab_size=len(tokenizer), max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    text_encoder_2, tokenizer_2 = tiny_clip()
+    pipe = HunyuanVideoPipeline(text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae,
+                                scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=text_encoder_2,
+                                tokenizer_2=tokenizer_2)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+    return pipe
