@@ -165,3 +165,18 @@ def test_stochastic_schedulers_still_work(model):
         assert torch.isfinite(out).all()
     finally:
         pipe.scheduler = original
+
+
+def test_teacache_without_coefficients_or_probe_says_what_to_do():
+    from accel.errors import AccelError
+
+    sd3 = tiny_pipeline("sd35_tiny")
+    with pytest.raises(AccelError, match="no published TeaCache coefficients.*accel.calibrate"):
+        accel.apply(sd3, {"cache": {"strategy": "teacache"}})
+    with accel.apply(sd3, {"cache": {"strategy": "teacache", "coefficients": [1.0, 0.0]}}) as applied:
+        assert applied.stats()["cache"]["strategy"] == "teacache"
+    sdxl = tiny_pipeline("sdxl_tiny")
+    with pytest.raises(AccelError, match="modulated-input probe"):
+        accel.apply(sdxl, {"cache": {"strategy": "teacache"}})
+    with pytest.raises(AccelError, match="last_blocks=1"):
+        accel.apply(sdxl, {"cache": {"strategy": "mbcache", "first_blocks": 1, "last_blocks": 1}})
