@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from accel.models.tiny import tokenizers
 
@@ -18,8 +18,6 @@ def tiny_vae(latent_channels: int = 4, **extra) -> AutoencoderKL:
 
 
 def tiny_clip(projection: bool = False):
-    from transformers import CLIPTextModelWithProjection
-
     clip = tokenizers.clip_tokenizer()
     config = CLIPTextConfig(hidden_size=TEXT_DIM, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
                             projection_dim=TEXT_DIM, vocab_size=tokenizers.CLIP_VOCAB_SIZE, max_position_embeddings=77,
@@ -27,9 +25,9 @@ def tiny_clip(projection: bool = False):
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config), clip
 
 
-def tiny_t5():
+def tiny_t5(d_model: int = TEXT_DIM):
     t5 = tokenizers.t5_tokenizer()
-    config = T5Config(d_model=TEXT_DIM, d_ff=64, d_kv=16, num_heads=2, num_layers=2, vocab_size=tokenizers.T5_VOCAB_SIZE,
+    config = T5Config(d_model=d_model, d_ff=64, d_kv=16, num_heads=2, num_layers=2, vocab_size=tokenizers.T5_VOCAB_SIZE,
                       pad_token_id=t5.pad_token_id, eos_token_id=t5.eos_token_id, decoder_start_token_id=t5.pad_token_id)
     return T5EncoderModel(config), t5
 

@@ -5,12 +5,9 @@ the tiny text encoders' embedding tables.
 """
 from __future__ import annotations
 
-import json
 import string
-import tempfile
-from pathlib import Path
 
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import CLIPTokenizer, LlamaTokenizerFast, T5TokenizerFast
 
 CLIP_VOCAB_SIZE = 514  # 256 byte symbols, each also as a word end, plus start and end of text
@@ -37,13 +34,8 @@ def clip_tokenizer() -> CLIPTokenizer:
     vocab = {s: i for i, s in enumerate(symbols)}
     vocab.update({s + "</w>": 256 + i for i, s in enumerate(symbols)})
     vocab["<|startoftext|>"], vocab["<|endoftext|>"] = 512, 513
-    with tempfile.TemporaryDirectory() as folder:
-        vocab_file, merges_file = Path(folder) / "vocab.json", Path(folder) / "merges.txt"
-        vocab_file.write_text(json.dumps(vocab))
-        merges_file.write_text("#version: 0.2\n")
-        tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=77,
-                                  pad_token="<|endoftext|>")
-    return tokenizer
+    # no merges: every word splits into its bytes, the last one marked as the word's end
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, pad_token="<|endoftext|>")
 
 
 def _character_unigram(specials: list[tuple[str, float]], unk_id: int, words: tuple[str, ...] = ()) -> Tokenizer:
@@ -52,6 +44,7 @@ def _character_unigram(specials: list[tuple[str, float]], unk_id: int, words: tu
     pieces += [("▁" + w, -0.5) for w in dict.fromkeys(words) if len(w) > 1]
     tokenizer = Tokenizer(models.Unigram(pieces, unk_id=unk_id, byte_fallback=False))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
     return tokenizer
 
 
