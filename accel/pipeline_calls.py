@@ -8,6 +8,7 @@ The pipeline stays an instance of its own class throughout.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Callable, ContextManager
 
 _HOOKS_ATTR = "_accel_call_hooks"
@@ -17,6 +18,7 @@ _SUBCLASSES: dict[type, type] = {}
 def _subclass(cls: type) -> type:
     if cls not in _SUBCLASSES:
 
+        @functools.wraps(cls.__call__)  # keeps the pipeline's signature and docs visible
         def __call__(self, *args, **kwargs):
             with contextlib.ExitStack() as stack:
                 for hook in list(getattr(self, _HOOKS_ATTR)):

@@ -103,3 +103,11 @@ def test_a_model_the_cache_does_not_know_is_refused_naming_the_supported_ones():
     with pytest.raises(AccelError, match=r"no block adapter.*flux \(FluxTransformer2DModel\)"):
         accel.apply(other, cache_recipe())
     assert type(other) is DDPMPipeline
+
+
+def test_an_applied_pipeline_keeps_its_call_signature(pipe):
+    import inspect
+
+    before = inspect.signature(pipe.__call__)
+    with accel.apply(pipe, cache_recipe()):
+        assert inspect.signature(pipe.__call__) == before

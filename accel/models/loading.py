@@ -16,8 +16,6 @@ from accel import resources
 from accel.errors import AccelError
 from accel.models.adapters import ADAPTERS
 
-TINY_FORMAT = 1  # bump when fabrication changes, so stale cached tiny pipelines are not reused
-
 
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
@@ -41,12 +39,16 @@ def _as_model_config(model):
     raise TypeError(f"expected a model config, got {type(model).__name__}")
 
 
+def _fabrication_code_digest() -> str:
+    """A hash of the fabrication code, so a changed builder never reuses a pipeline saved by an older one."""
+    folder = Path(__file__).parent / "tiny"
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(folder.glob("*.py")))).hexdigest()
+
+
 def tiny_pipeline_dir(model) -> Path:
     """Where the tiny pipeline of `model` is (or will be) saved: named by a hash of what defines it."""
-    from accel.models.tiny import BUILDERS  # noqa: F401  (fabrication code is imported only when needed)
-
     key = json.dumps({"arch": model.architecture, "tiny": dict(model.tiny), "seed": model.tiny_seed,
-                      "format": TINY_FORMAT}, sort_keys=True)
+                      "code": _fabrication_code_digest()}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return resources.cache_dir() / "tiny" / f"{model.architecture}-{digest}"
 

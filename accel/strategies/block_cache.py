@@ -1,8 +1,8 @@
 """The machinery all block caches share: hooks on a denoiser's blocks that, on a cache hit, skip a
 middle span of blocks and put a residual from an earlier full step in their place.
 
-Blocks are indexed 0..N-1 in execution order across the adapter's block lists. The first
-`first_blocks` and last `last_blocks` always run; the span between them is the one a hit skips.
+Blocks are indexed 0..N-1 in execution order across the adapter's block lists. Blocks up to the
+probe and the last `last_blocks` always run; the span between them is the one a hit skips.
 A `Decider` says where to probe (after which blocks, or -1 for the span input) and whether a probe
 is close enough to the last full step to reuse it. On a hit at probe p, the blocks after p return
 their inputs unchanged and the last block of the span returns H_p + R_p, where R_p is the
@@ -89,8 +89,7 @@ class Decider(Protocol):
 class BlockCache:
     """Installs the hooks of one cache on one pipeline; `remove()` takes every one of them off."""
 
-    def __init__(self, pipe, adapter: BlockAdapter, controls: CacheControls, decider: Decider,
-                 first_blocks: int, last_blocks: int):
+    def __init__(self, pipe, adapter: BlockAdapter, controls: CacheControls, decider: Decider, last_blocks: int = 0):
         self.pipe = pipe
         self.controls = controls
         self.decider = decider
@@ -107,10 +106,10 @@ class BlockCache:
         self.last_generation: Optional[Generation] = None
         self.generations = 0
         self._undo: list = []
-        self._install(first_blocks)
+        self._install()
 
     # -- installation ---------------------------------------------------------------------------
-    def _install(self, first_blocks: int) -> None:
+    def _install(self) -> None:
         self._undo.append(add_call_hook(self.pipe, self._generation_scope))
         pre = self.denoiser.register_forward_pre_hook(self._begin_call, with_kwargs=True)
         post = self.denoiser.register_forward_hook(self._end_call, always_call=True)

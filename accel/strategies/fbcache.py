@@ -62,4 +62,4 @@ def apply_fbcache(pipe, config: FBCacheConfig) -> BlockCache:
     """First Block Cache: probe block 0's residual, skip all later blocks on a hit."""
     adapter = for_pipeline(pipe)
     decider = ResidualDiffDecider({0: config.residual_diff_threshold}, residual=adapter.residual_base == "probe")
-    return BlockCache(pipe, adapter, config, decider, first_blocks=1, last_blocks=0)
+    return BlockCache(pipe, adapter, config, decider)

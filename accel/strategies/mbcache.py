@@ -51,4 +51,4 @@ def apply_mbcache(pipe, config: MBCacheConfig) -> BlockCache:
     probes = range(config.first_blocks) if config.probe == "per_block" else [config.first_blocks - 1]
     decider = ResidualDiffDecider({p: config.residual_diff_threshold for p in probes},
                                   residual=adapter.residual_base == "probe")
-    return BlockCache(pipe, adapter, config, decider, config.first_blocks, config.last_blocks)
+    return BlockCache(pipe, adapter, config, decider, last_blocks=config.last_blocks)

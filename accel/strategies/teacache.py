@@ -78,4 +78,4 @@ def apply_teacache(pipe, config: TeaCacheConfig) -> BlockCache:
             f"`python -m accel.calibrate recipe=...` and set cache.coefficients"
         )
     decider = ModulatedInputDecider(adapter, config.rel_l1_threshold, list(coefficients))
-    return BlockCache(pipe, adapter, config, decider, first_blocks=0, last_blocks=0)
+    return BlockCache(pipe, adapter, config, decider)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import string
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import CLIPTokenizer, LlamaTokenizerFast, T5TokenizerFast
 
 CLIP_VOCAB_SIZE = 514  # 256 byte symbols, each also as a word end, plus start and end of text
@@ -44,16 +44,15 @@ def _character_unigram(specials: list[tuple[str, float]], unk_id: int, words: tu
     pieces += [("▁" + w, -0.5) for w in dict.fromkeys(words) if len(w) > 1]
     tokenizer = Tokenizer(models.Unigram(pieces, unk_id=unk_id, byte_fallback=False))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-    tokenizer.decoder = decoders.Metaspace()
     return tokenizer
 
 
 def t5_tokenizer() -> T5TokenizerFast:
-    tokenizer = _character_unigram([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)], unk_id=2)
-    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                             special_tokens=[("</s>", 1)])
-    return T5TokenizerFast(tokenizer_object=tokenizer, model_max_length=512, pad_token="<pad>",
-                           eos_token="</s>", unk_token="<unk>", extra_ids=0)
+    # Built from its vocabulary, as from_pretrained rebuilds it: a backend of our own would lose its
+    # pre-tokenizer on reload and split whitespace differently.
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [(c, -2.0) for c in string.printable] + [("▁" + c, -1.0) for c in string.printable]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
 def llama_tokenizer(template_words: str = "", vocab_size_limit: int = 1024) -> LlamaTokenizerFast:
