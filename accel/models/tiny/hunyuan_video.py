@@ -8,10 +8,32 @@ import torch
 from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline,
                        HunyuanVideoTransformer3DModel)
 from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
-from transformers import LlamaConfig, LlamaModel
+from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
 
 from accel.models.tiny import tokenizers
 from accel.models.tiny.flux import TEXT_DIM, tiny_clip
+
+
+def rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """Even (frames, height, width) rope dims that add up to the head dim, in HunyuanVideo's 16:56:56
+    proportion: (2, 4, 4) for 10, (16, 56, 56) for 128."""
+    spatial = head_dim * 7 // 16 // 2 * 2
+    return head_dim - 2 * spatial, spatial, spatial
+
+
+def template_tokenizer() -> PreTrainedTokenizerFast:
+    """The Llama tokenizer, padding on the right, wrapped in the generic fast class.
+
+    The pipeline pads to max_length and then drops the first `crop_start` (95) tokens, the template:
+    that only lands on the prompt with right padding, and with the template's words whole and its
+    punctuation apart, which puts exactly 95 tokens before the prompt, as the real vocabulary does.
+    The generic class reloads tokenizer.json as saved; LlamaTokenizerFast.from_pretrained would rebuild
+    the backend as a BPE from the vocabulary and tokenize the template differently."""
+    template_text = re.sub(r"<\|[a-z_]+\|>|\{\}", " ", DEFAULT_PROMPT_TEMPLATE["template"])
+    llama = tokenizers.llama_tokenizer(" ".join(word.strip(".:,") for word in template_text.split()))
+    return PreTrainedTokenizerFast(tokenizer_object=llama.backend_tokenizer, bos_token=llama.bos_token,
+                                   eos_token=llama.eos_token, pad_token=llama.pad_token, unk_token=llama.unk_token,
+                                   model_max_length=llama.model_max_length, padding_side="right")
 
 
 def build(seed: int = 0, **transformer_overrides) -> HunyuanVideoPipeline:
@@ -24,13 +46,12 @@ def build(seed: int = 0, **transformer_overrides) -> HunyuanVideoPipeline:
     transformer_config = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=2,
                               num_single_layers=2, num_refiner_layers=1, patch_size=1, patch_size_t=1,
                               guidance_embeds=True, text_embed_dim=TEXT_DIM, pooled_projection_dim=TEXT_DIM,
-                              rope_axes_dim=(2, 4, 4))
+                              rope_axes_dim=None)
     transformer_config.update(transformer_overrides)
+    if transformer_config["rope_axes_dim"] is None:
+        transformer_config["rope_axes_dim"] = rope_axes(transformer_config["attention_head_dim"])
     transformer = HunyuanVideoTransformer3DModel(**transformer_config)
-    # the pipeline crops the first 95 tokens (the template) off the text embedding: with the template's
-    # words whole and punctuation apart, this vocabulary puts exactly 95 tokens before the prompt too
-    template_text = re.sub(r"<\|[a-z_]+\|>|\{\}", " ", DEFAULT_PROMPT_TEMPLATE["template"])
-    tokenizer = tokenizers.llama_tokenizer(" ".join(word.strip(".:,") for word in template_text.split()))
+    tokenizer = template_tokenizer()
     text_encoder = LlamaModel(LlamaConfig(
         hidden_size=TEXT_DIM, intermediate_size=64, num_attention_heads=2, num_key_value_heads=2, num_hidden_layers=3,
         vocab_size=len(tokenizer), max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
