@@ -18,7 +18,6 @@ _ACTIVE_ATTR = "_accel_run"
 
 def compose(recipe: str | None = None, overrides: list[str] = ()) -> DictConfig:
     """The composed, validated recipe, exactly as `python -m accel recipe=NAME OVERRIDES...` sees it."""
-    setup()
     return _compose(recipe, overrides)
 
 

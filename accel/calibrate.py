@@ -22,7 +22,7 @@ from accel.config import setup, validate
 from accel.errors import AccelError
 from accel.models.adapters import for_pipeline
 from accel.models.loading import load_pipeline
-from accel.strategies.block_cache import relative_l1
+from accel.strategies.block_cache import TimestepReader, relative_l1
 
 setup()
 
@@ -45,6 +45,7 @@ class DiffRecorder:
         blocks = adapter.blocks(adapter.denoiser(pipe))
         self.first, self.last = blocks[0], blocks[-1]
         self.pairs: list[tuple[float, float]] = []
+        self.read_timestep = TimestepReader(adapter.denoiser(pipe))
         self.new_generation()
         self.handles = [
             adapter.denoiser(pipe).register_forward_pre_hook(self._before_denoiser, with_kwargs=True),
@@ -57,9 +58,7 @@ class DiffRecorder:
         self.timestep, self.branch = None, 0
 
     def _before_denoiser(self, module, args, kwargs):
-        # calls at the same timestep are the CFG branches of one step, as the caches count them
-        timestep = kwargs.get("timestep")
-        value = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else timestep
+        value = self.read_timestep(args, kwargs)
         self.branch = self.branch + 1 if value == self.timestep else 0
         self.timestep = value
 

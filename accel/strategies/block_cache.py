@@ -33,6 +33,21 @@ def relative_l1(now: torch.Tensor, before: torch.Tensor) -> float:
     return ((now - before).abs().mean() / before.abs().mean().clamp_min(1e-12)).item()
 
 
+class TimestepReader:
+    """Reads the timestep a denoiser is called with (by keyword, or by position for UNets). Calls at
+    the same timestep are the CFG branches of one step: that is how steps and branches are counted."""
+
+    def __init__(self, denoiser: torch.nn.Module):
+        parameters = list(inspect.signature(denoiser.forward).parameters)
+        self.position = parameters.index("timestep") if "timestep" in parameters else None
+
+    def __call__(self, args: tuple, kwargs: dict) -> Optional[float]:
+        timestep = kwargs.get("timestep")
+        if timestep is None and self.position is not None and self.position < len(args):
+            timestep = args[self.position]
+        return float(timestep.flatten()[0]) if torch.is_tensor(timestep) else timestep
+
+
 @dataclass
 class BranchState:
     """Everything one branch (cond, uncond, ...) keeps across the steps of one generation."""
@@ -99,8 +114,7 @@ class BlockCache:
         self.probe_points = decider.probes(len(self.blocks))
         self.order = controls.forecast_order if controls.forecast == "taylor" else 0
         self.from_span_input = adapter.residual_base == "span_input"
-        parameters = list(inspect.signature(self.denoiser.forward).parameters)
-        self.timestep_position = parameters.index("timestep") if "timestep" in parameters else None
+        self.timestep = TimestepReader(self.denoiser)
         self.generation: Optional[Generation] = None
         self.call: Optional[CallState] = None
         self.last_generation: Optional[Generation] = None
@@ -154,10 +168,7 @@ class BlockCache:
         if gen is None:  # the denoiser called outside a pipeline call: run it plainly
             self.call = None
             return
-        timestep = kwargs.get("timestep")
-        if timestep is None and self.timestep_position is not None and self.timestep_position < len(args):
-            timestep = args[self.timestep_position]
-        value = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else timestep
+        value = self.timestep(args, kwargs)
         if gen.step < 0 or value != gen.last_timestep:
             gen.step, gen.call_in_step = gen.step + 1, 0
         else:
