@@ -1,14 +1,15 @@
 """Typed schemas of a recipe, registered with Hydra's ConfigStore, and composition with validation.
 
 A composed recipe has one node per config group (`model`, and one per strategy stage) plus the
-generation fields at the top level. Types and unknown keys fail while Hydra composes; ranges fail
-right after, in `validate`, before anything is loaded.
+job's fields at the top level. Hydra checks types while it composes; `validate` then converts every
+node to its dataclass (types again, unknown and removed keys, ranges) before anything is loaded.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass, field, fields, make_dataclass
+from typing import Any, Optional, Sequence
 
+import yaml
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -16,10 +17,11 @@ from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from accel import registry, resources
+from accel import cli, registry, resources
 from accel.errors import ConfigError, require
 from accel.recipe_source import find_target
 from accel.recipe_source import install as install_recipe_source
+from accel.schema import to_dataclass
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -57,15 +59,9 @@ class ModelConfig:
 
 
 @dataclass
-class AccelConfig:
-    """The top level of a composed recipe."""
+class JobConfig:
+    """The generation and measurement fields at the top level of a recipe."""
 
-    model: ModelConfig = MISSING
-    quant: Any = field(default_factory=lambda: {"strategy": "none"})
-    attention: Any = field(default_factory=lambda: {"strategy": "none"})
-    parallel: Any = MISSING
-    cache: Any = MISSING
-    compile: Any = MISSING
     prompt: str = "a red fox in fresh snow, golden hour, detailed fur"
     negative_prompt: Optional[str] = None
     steps: Optional[int] = None  # null: the model's default
@@ -75,10 +71,75 @@ class AccelConfig:
     num_frames: Optional[int] = None  # video models; null: the model's default
     seed: int = 0
     batch_size: int = 1
-    warmup: int = 1  # untimed generations before the timed ones (compilation, allocator warm-up)
-    repeats: int = 1  # timed generations
-    compare: bool = False  # also run the unaccelerated baseline and report speedup and quality
+    warmup: int = 1  # untimed generations of each variant first (compilation, allocator warm-up)
+    repeats: Optional[int] = None  # timed generations of each variant; null: 3 with compare, else 1
+    compare: bool = False  # also time the unaccelerated baseline, interleaved, and report speedup and quality
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self):
+        for name in ("steps", "height", "width", "num_frames"):
+            value = getattr(self, name)
+            require(value is None or value >= 1, name, value, ">= 1 or null (the model's default)")
+        require(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        require(self.warmup >= 0, "warmup", self.warmup, ">= 0")
+        require(self.repeats is None or self.repeats >= 1, "repeats", self.repeats,
+                ">= 1 or null (3 with compare=true, else 1)")
+        device = self.device
+        require(device in ("auto", "cpu", "cuda") or device.startswith("cuda:"), "device", device,
+                "auto, cpu, cuda or cuda:N")
+
+
+# The whole recipe: the job's fields, the model, and one node per stage of the registry, so adding a
+# stage to the registry adds it here, to the primary config and to replay recipes at once.
+AccelConfig = make_dataclass(
+    "AccelConfig", [("model", ModelConfig, field(default=MISSING)),
+                    *((stage, Any, field(default=MISSING)) for stage in registry.STAGES)],
+    bases=(JobConfig,))
+
+
+def _primary_config() -> dict:
+    """The primary config every run starts from: the schema, a model, `none` for every stage, then
+    the optional recipe (which picks options and sets fields), then the command line."""
+    return {
+        "defaults": ["accel_schema", "_self_", {"model": "flux_tiny"},
+                     *({stage: "none"} for stage in registry.STAGES), {"recipe": None},
+                     {"override hydra/job_logging": "stdout"},
+                     {"override hydra/sweeper": "accel"}, {"override hydra/launcher": "accel"}],
+        "hydra": {
+            "run": {"dir": _now(cli.RUN_DIR)},
+            "sweep": {"dir": _now(cli.SWEEP_DIR), "subdir": "${hydra.job.num}"},
+            "job": {"chdir": False},
+            "help": {"template": help_text()},
+        },
+    }
+
+
+def _now(pattern: str) -> str:
+    """A strftime pattern as Hydra's `now` interpolation."""
+    return "/".join("${now:" + part + "}" if "%" in part else part for part in pattern.split("/"))
+
+
+def help_text() -> str:
+    """`python -m accel --help`: groups, options and examples."""
+    from accel.list import overview
+
+    return "\n".join([
+        "accel: faster diffusion pipelines from declarative recipes.",
+        "",
+        "  python -m accel recipe=NAME [GROUP=OPTION ...] [FIELD=VALUE ...]",
+        "",
+        "Examples:",
+        "  python -m accel recipe=flux_fbcache model=flux_tiny compare=true",
+        "  python -m accel recipe=flux_fbcache model=flux_tiny cache.residual_diff_threshold=0.3 steps=20 seed=7",
+        "  python -m accel -m recipe=flux_fbcache model=flux_tiny cache.residual_diff_threshold=0.2,0.3,0.4",
+        "  python -m accel recipe=flux_fbcache model=flux_tiny --cfg job     # print the composed recipe",
+        "",
+        overview(),
+        "",
+        "Top-level fields: " + ", ".join(f.name for f in fields(JobConfig)),
+        "Each run writes images, report.json and a replayable recipe.yaml to its own folder under outputs/.",
+        "Hydra's own options: --hydra-help",
+    ]).replace("$", "$$")
 
 
 def _register_schemas() -> None:
@@ -87,66 +148,102 @@ def _register_schemas() -> None:
     store.store(group="schema", name="model", node=ModelConfig)
     for strategy in registry.all_strategies():
         store.store(group=f"schema/{strategy.stage}", name=strategy.name, node=strategy.config_cls)
+        # every strategy is an option of its stage's group (`cache=NAME`): its YAML in conf/<stage>/,
+        # or else its dataclass defaults
+        if not (resources.conf_dir() / strategy.stage / f"{strategy.name}.yaml").exists():
+            store.store(group=strategy.stage, name=strategy.name, node=strategy.config_cls)
+    import hydra_plugins.accel_sweep  # noqa: F401  the sweeper and launcher that keep a sweep going past a failed job
 
-
-def _validate_top_level(cfg: DictConfig) -> None:
-    for name in ("steps", "height", "width", "num_frames"):
-        value = cfg.get(name)
-        require(value is None or value >= 1, name, value, ">= 1 or null (the model's default)")
-    require(cfg.batch_size >= 1, "batch_size", cfg.batch_size, ">= 1")
-    require(cfg.warmup >= 0, "warmup", cfg.warmup, ">= 0")
-    require(cfg.repeats >= 1, "repeats", cfg.repeats, ">= 1")
-    device = cfg.device
-    require(device in ("auto", "cpu", "cuda") or device.startswith("cuda:"), "device", device,
-            "auto, cpu, cuda or cuda:N")
+    store.store(name="accel", node=_primary_config())
 
 
 def validate(cfg: DictConfig) -> DictConfig:
-    """Check ranges and strategy names of a composed recipe; raise ConfigError naming the field."""
+    """Check a composed recipe against its schemas (types, unknown or removed keys, ranges, strategy
+    names, fields that do not fit the model's architecture); raise ConfigError naming the field."""
     target = find_target(cfg)
     if target is not None:
         raise ConfigError(f"{target} is set: recipes are shared data and cannot name code to import; "
                           "strategies are chosen by registered name (python -m accel.list)")
-    try:
-        OmegaConf.to_object(cfg.model)
-    except ConfigError as err:
-        raise ConfigError(f"model.{err}") from None
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"model: {registry.describe_omegaconf_error(err)}") from None
-    for stage in registry.STAGES:
-        registry.build_config(stage, cfg[stage])
-    _validate_top_level(cfg)
+    values = OmegaConf.to_container(cfg, resolve=True)
+    stages = {stage: values.pop(stage, None) for stage in registry.STAGES}
+    model = to_dataclass(ModelConfig, values.pop("model", None) or {}, where="model.", complete=True)
+    job = to_dataclass(JobConfig, values, complete=True, label="a recipe's top level (groups: model, "
+                                                             f"{', '.join(registry.STAGES)})")
+    for stage, node in stages.items():
+        if node in (None, "???"):
+            raise ConfigError(f"{stage} cannot be removed: every recipe has one node per stage ({stage}=none for nothing)")
+        registry.build_config(stage, node, complete=True)
+    _check_against_architecture(job, model)
     return cfg
+
+
+def _check_against_architecture(job: JobConfig, model: ModelConfig) -> None:
+    from accel.models.adapters import ADAPTERS
+
+    adapter = ADAPTERS[model.architecture]
+    if not adapter.video:
+        video = sorted(a.architecture for a in ADAPTERS.values() if a.video)
+        for name, value in (("num_frames", job.num_frames), ("model.num_frames", model.num_frames)):
+            require(value is None, name, value, f"null: {model.architecture} makes images; frames apply to the "
+                                                f"video architectures ({', '.join(video)})")
 
 
 def strategy_configs(recipe) -> dict[str, Any]:
     """The validated config dataclass of every stage a recipe (DictConfig or dict) names."""
+    known = {f.name for f in fields(AccelConfig)}
+    unknown = [key for key in recipe if key not in known]
+    if unknown:
+        raise ConfigError(f"{unknown[0]!r} is not a stage of a recipe: the stages are {', '.join(registry.STAGES)} "
+                          f"(for example {{'cache': {{'strategy': 'fbcache'}}}})")
     return {stage: registry.build_config(stage, recipe[stage]) for stage in registry.STAGES if stage in recipe}
 
 
-def compose(recipe: Optional[str] = None, overrides: list[str] = ()) -> DictConfig:
+def compose(recipe: Optional[str] = None, overrides: Sequence[str] = ()) -> DictConfig:
     """Compose a recipe exactly as `python -m accel recipe=NAME OVERRIDES...` would, and validate it."""
-    setup()
+    if isinstance(overrides, str):
+        raise ConfigError(f"overrides={overrides!r} must be a list of 'key=value' strings, e.g. ['model=flux_tiny']")
     overrides = list(overrides)
     if recipe is not None:
         overrides.insert(0, f"recipe={recipe}")
+    return validate(compose_raw(overrides, with_hydra=False))
+
+
+def compose_raw(overrides: Sequence[str], config_dir: Optional[str] = None, config_name: str = "accel",
+                with_hydra: bool = True) -> DictConfig:
+    """Hydra's composition alone, its errors as one-line ConfigErrors. `config_dir`/`config_name`
+    name another primary config (a run folder's `.hydra/`, for Hydra's own replay); `with_hydra`
+    keeps the `hydra` node (run folder, sweep folder)."""
+    setup()
+    resources.user_recipe_dirs()  # a wrong ACCEL_RECIPES fails here, by name, not inside Hydra
     try:
-        with initialize_config_dir(config_dir=str(resources.conf_dir()), version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as err:
+        with initialize_config_dir(config_dir=config_dir or str(resources.conf_dir()), version_base="1.3"):
+            return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=with_hydra)
+    except (HydraException, OmegaConfBaseException, yaml.YAMLError) as err:
         raise ConfigError(clean_hydra_message(err)) from None
-    return validate(cfg)
 
 
 def clean_hydra_message(err: Exception) -> str:
     """Hydra's message without the search-path dump and the `+key` hint (schemas are closed)."""
+    if isinstance(err, yaml.YAMLError):
+        return describe_yaml_error(err)
     message = str(err).strip()
     cause = err.__cause__
+    if isinstance(cause, yaml.YAMLError):
+        return describe_yaml_error(cause)
+    if isinstance(cause, OmegaConfBaseException):
+        return f"{message.splitlines()[0]}: {str(cause).splitlines()[0]}"
     if cause is not None and str(cause) and str(cause) not in message:
         message = f"{message}\n{cause}"
     message = message.split("Config search path:")[0]
-    lines = [line for line in message.splitlines() if not line.startswith("To append to your config")]
-    return "\n".join(lines).strip()
+    lines = [line for line in message.splitlines() if line.strip() and not line.startswith("To append to your config")]
+    return " ".join(line.strip() for line in lines)
+
+
+def describe_yaml_error(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    where = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}" if mark else "a YAML file"
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{where}: YAML syntax error: {problem}"
 
 
 def setup() -> None:

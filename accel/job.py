@@ -1,6 +1,8 @@
 """The main job: load → apply → warm up → generate → save, with a report of what it measured.
 
-A failure says which stage it stopped in, and the report written so far stays in the run folder.
+With compare=true the unaccelerated baseline is warmed up too, and the two are timed in alternating
+rounds, so a drifting machine moves both alike. A failure says which stage it stopped in, and the
+report written so far stays in the run folder.
 """
 from __future__ import annotations
 
@@ -13,10 +15,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from accel import registry
 from accel import report as reports
 from accel.api import apply
-from accel.errors import AccelError
-from accel.models.loading import load_pipeline, resolve_device
+from accel.errors import AccelError, ConfigError
+from accel.models.adapters import ADAPTERS
+from accel.models.loading import as_model_config, component_configs, load_pipeline, locate, resolve_device
 
 
 class StageFailed(AccelError):
@@ -58,17 +62,6 @@ def _generate(pipe, kwargs: dict, seed: int, device: torch.device) -> tuple[np.n
     return np.asarray(images), time.perf_counter() - start
 
 
-def _timed_runs(pipe, kwargs, cfg, device) -> tuple[np.ndarray, float, list[float]]:
-    """Warm-up calls, then timed ones; returns the last output, the first call's time and the timed ones."""
-    first_call, times, output = None, [], None
-    for i in range(cfg.warmup + cfg.repeats):
-        output, seconds = _generate(pipe, kwargs, cfg.seed, device)
-        first_call = seconds if first_call is None else first_call
-        if i >= cfg.warmup:
-            times.append(seconds)
-    return output, first_call, times
-
-
 def save_outputs(output: np.ndarray, run_dir: Path, stem: str) -> list[str]:
     """Save images as PNG (video frames as an animated GIF), never over an existing file."""
     from PIL import Image
@@ -94,8 +87,33 @@ def _free_path(path: Path) -> Path:
     return candidate
 
 
+def _quiet_loading() -> None:
+    """Loading bars per component and per weight file say nothing a run's report does not; the
+    denoising progress bar stays."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def check_job(cfg: DictConfig) -> None:
+    """What a validated recipe must also satisfy before a run starts, read from the model's files
+    without loading weights: sizes the pipeline makes exactly, and weights that are here."""
+    model = as_model_config(cfg.model)
+    folder = locate(model)  # missing weights fail here, naming the tiny alternative
+    if folder is None:
+        return  # on the hub: from_pretrained downloads them, and the pipeline checks sizes itself
+    adapter = ADAPTERS[model.architecture]
+    rule = adapter.size_rule(component_configs(folder, adapter))
+    frames = (cfg.num_frames or model.num_frames) if adapter.video else None
+    for field, value, allowed in rule.problems(cfg.height or model.height, cfg.width or model.width, frames):
+        where = field if cfg.get(field) is not None else f"model.{field}"
+        raise ConfigError(f"{where}={value} is not allowed: {allowed}")
+
+
 def run_job(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None) -> dict:
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Load, apply, warm up, generate (interleaved with the baseline under compare=true), save."""
     device = resolve_device(cfg.device)
     report: dict[str, Any] = {
         "recipe": OmegaConf.to_container(cfg, resolve=True),
@@ -104,10 +122,11 @@ def run_job(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None) -> d
         "stats": {},
         "outputs": [],
     }
-    if choices:
-        write_replay_recipe(cfg, choices, run_dir / "recipe.yaml")
+    write_replay_recipe(cfg, run_dir / "recipe.yaml")
+    repeats = cfg.repeats or (3 if cfg.compare else 1)
     stage = "load"
     try:
+        _quiet_loading()
         start = time.perf_counter()
         pipe = load_pipeline(cfg.model, cfg.device)
         report["timings"]["load_s"] = time.perf_counter() - start
@@ -120,27 +139,44 @@ def run_job(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None) -> d
         stage = "generate"
         kwargs = generation_kwargs(cfg, pipe)
         steps = kwargs["num_inference_steps"]
-        output, first_call, times = _timed_runs(pipe, kwargs, cfg, device)
+
+        def generate():
+            return _generate(pipe, kwargs, cfg.seed, device)
+
+        first_call = None
+        for _ in range(cfg.warmup):
+            _, seconds = generate()
+            first_call = first_call or seconds
+        if cfg.compare:  # the baseline gets its own warm-up, then the two alternate round by round
+            stage = "baseline"
+            run.remove()
+            for _ in range(cfg.warmup):
+                generate()
+        times: dict[str, list[float]] = {"accelerated": [], "baseline": []}
+        for _ in range(repeats):
+            if cfg.compare:
+                stage = "baseline"
+                reference, seconds = generate()
+                times["baseline"].append(seconds)
+                stage = "apply"
+                run = apply(pipe, cfg)
+            stage = "generate"
+            output, seconds = generate()
+            times["accelerated"].append(seconds)
+            first_call = first_call or seconds
+            report["stats"] = run.stats()
+            if cfg.compare:
+                run.remove()
+        run.remove()
         report["timings"]["first_call_s"] = first_call
-        report["timings"]["accelerated"] = reports.timing_summary(times, cfg.batch_size, steps)
-        report["stats"] = run.stats()
+        report["timings"]["accelerated"] = reports.timing_summary(times["accelerated"], cfg.batch_size, steps)
 
         stage = "save"
         report["outputs"] = save_outputs(output, run_dir, "image")
-
         if cfg.compare:
-            stage = "baseline"
-            run.remove()
-            reference, _, base_times = _timed_runs(pipe, kwargs, cfg, device)
-            base = reports.timing_summary(base_times, cfg.batch_size, steps)
-            report["baseline"] = {
-                "timings": base,
-                "speedup": base["per_image_s"] / report["timings"]["accelerated"]["per_image_s"],
-                "quality": reports.quality(output, reference),
-            }
+            report["baseline"] = reports.comparison(times["baseline"], times["accelerated"], cfg.batch_size, steps,
+                                                    output, reference)
             report["outputs"] += save_outputs(reference, run_dir, "baseline")
-        else:
-            run.remove()
     except Exception as err:
         report["failed_at"] = stage
         report["error"] = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -152,12 +188,13 @@ def run_job(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None) -> d
     return report
 
 
-def write_replay_recipe(cfg: DictConfig, choices: dict, path: Path) -> None:
-    """The fully composed recipe as a recipe file: `ACCEL_RECIPES=<run folder> python -m accel recipe=recipe`."""
-    groups = [g for g in ("model", "parallel", "cache", "compile") if choices.get(g)]
+def write_replay_recipe(cfg: DictConfig, path: Path) -> None:
+    """The fully composed recipe as a recipe file that replays on its own (every value embedded, no
+    search path needed): `ACCEL_RECIPES=<run folder> python -m accel recipe=recipe`."""
     lines = ["# The fully composed recipe of this run. Replay it with:",
              f"#   ACCEL_RECIPES={path.parent} python -m accel recipe={path.stem}",
-             "defaults:"]
-    lines += [f"  - override /{g}: {choices[g]}" for g in groups]
+             "defaults:",
+             "  - override /model: null  # the model's every field is below"]
+    lines += [f"  - override /{stage}: {cfg[stage].strategy}" for stage in registry.STAGES]
     lines += ["  - _self_", "", OmegaConf.to_yaml(cfg, resolve=True)]
     path.write_text("\n".join(lines))

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from accel.errors import ConfigError
+from accel.schema import to_dataclass
 
 # The order `apply` runs stages in, and the reverse of the order `remove` undoes them.
 # quant first: it replaces weights and linear layers that every later stage wraps or traces.
@@ -74,32 +74,19 @@ def all_strategies() -> list[Strategy]:
     return [_STRATEGIES[k] for k in sorted(_STRATEGIES, key=lambda k: (STAGES.index(k[0]), k[1]))]
 
 
-def build_config(stage: str, node: Any):
+def build_config(stage: str, node: Any, complete: bool = False):
     """Validate one stage's config (a dict or DictConfig with a `strategy` key) into its dataclass.
 
-    Types and unknown keys are checked by OmegaConf against the schema; ranges by the dataclass's
-    own `__post_init__`. Errors name the field as `stage.field`.
+    Types and unknown keys are checked against the strategy's schema, ranges by the dataclass's own
+    `__post_init__`. Errors name the field as `stage.field`. `complete`: a composed recipe, which
+    carries every field (a plain dict from Python may leave fields at their defaults).
     """
     if dataclasses.is_dataclass(node):
         node = OmegaConf.structured(node)
     if not isinstance(node, (dict, DictConfig)):
         raise ConfigError(f"{stage}={node!r} must be a mapping with a 'strategy' key")
-    name = node.get("strategy", "none")
-    strategy = get(stage, name)
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(strategy.config_cls), node)
-        return OmegaConf.to_object(merged)
-    except ConfigError as err:
-        raise ConfigError(f"{stage}.{err}") from None
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"{stage} ({name}): {describe_omegaconf_error(err)}") from None
-
-
-def describe_omegaconf_error(err: OmegaConfBaseException) -> str:
-    """OmegaConf's message, first line only, with the full key when it knows it."""
-    message = str(err).splitlines()[0]
-    key = getattr(err, "full_key", None)
-    return f"{message} (at {key})" if key and key not in message else message
+    strategy = get(stage, node.get("strategy", "none"))
+    return to_dataclass(strategy.config_cls, node, where=f"{stage}.", complete=complete)
 
 
 @dataclass

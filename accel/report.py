@@ -42,19 +42,54 @@ def quality(output: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
     }
 
 
-def timing_summary(seconds: list[float], images: int, steps: int) -> dict[str, float]:
-    per_image = statistics.median(seconds) / images
-    return {"per_image_s": round(per_image, 5), "per_step_s": round(per_image / steps, 6),
-            "runs_s": [round(s, 5) for s in seconds]}
+def timing_summary(seconds: list[float], images: int, steps: int) -> dict[str, Any]:
+    """Median, min and max seconds per image (and the median per step) over timed generations."""
+    per_image = [t / images for t in seconds]
+    median = statistics.median(per_image)
+    return {"per_image_s": round(median, 5), "min_s": round(min(per_image), 5), "max_s": round(max(per_image), 5),
+            "per_step_s": round(median / steps, 6), "runs_s": [round(t, 5) for t in seconds]}
+
+
+def comparison(baseline_s: list[float], accelerated_s: list[float], images: int, steps: int,
+               output: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
+    """Baseline against accelerated, from alternating rounds: the speedup of the medians, the range
+    it could be, and whether the difference is measurable at all (the two ranges do not overlap)."""
+    base, fast = timing_summary(baseline_s, images, steps), timing_summary(accelerated_s, images, steps)
+    return {
+        "timings": base,
+        "speedup": round(base["per_image_s"] / fast["per_image_s"], 3),
+        "speedup_range": [round(base["min_s"] / fast["max_s"], 3), round(base["max_s"] / fast["min_s"], 3)],
+        "measurable": fast["max_s"] < base["min_s"] or base["max_s"] < fast["min_s"],
+        "rounds": len(accelerated_s),
+        "quality": quality(output, reference),
+    }
 
 
 def write_json(path: Path, report: dict) -> None:
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")
 
 
-def _hit_map(stats: dict) -> Optional[str]:
-    maps = stats.get("cache", {}).get("hit_map")
-    return " | ".join(maps) if maps else None
+def _seconds(timing: dict) -> str:
+    runs = len(timing["runs_s"])
+    spread = f" (min {timing['min_s']:.4f}, max {timing['max_s']:.4f}, {runs} runs)" if runs > 1 else ""
+    return f"{timing['per_image_s']:.4f} s{spread}"
+
+
+def cache_note(cache: dict) -> Optional[str]:
+    """When a cache hit nothing or almost nothing: the distances its probe saw, and a threshold that
+    would cache about half the steps."""
+    if "computed" not in cache or cache["cached"] > 0.1 * cache["calls"]:
+        return None
+    seen = sorted(d for branch in cache.get("diffs", []) for d in branch if d is not None)
+    note = f"cached {cache['cached']} of {cache['calls']} calls"
+    threshold = cache.get("threshold")
+    if not seen or not threshold:
+        return note
+    note += (f": the probe's distances were {seen[0]:.4g}-{seen[-1]:.4g} (median {statistics.median(seen):.4g}) "
+             f"against {threshold['name']}={threshold['value']:g}")
+    if threshold.get("caches_about_half") is not None:
+        note += f"; cache.{threshold['name']}={threshold['caches_about_half']:.3g} would cache about half the steps"
+    return note
 
 
 def summary_table(report: dict) -> str:
@@ -65,17 +100,25 @@ def summary_table(report: dict) -> str:
         ("load", f"{timings['load_s']:.2f} s"),
         ("apply", f"{timings['apply_s'] * 1000:.1f} ms"),
         ("first call", f"{timings['first_call_s']:.3f} s"),
-        ("per image", f"{timings['accelerated']['per_image_s']:.4f} s"),
+        ("per image", _seconds(timings["accelerated"])),
         ("per step", f"{timings['accelerated']['per_step_s'] * 1000:.2f} ms"),
     ]
     cache = report["stats"].get("cache")
     if cache and "computed" in cache:
         rows.append(("cache", f"{cache['computed']} computed, {cache['cached']} cached of {cache['calls']} calls"))
-        rows.append(("hit map", _hit_map(report["stats"])))
+        rows.append(("hit map", " | ".join(cache["hit_map"])))
+        note = cache_note(cache)
+        if note:
+            rows.append(("cache note", note))
     if "baseline" in report:
         base = report["baseline"]
-        rows.append(("baseline/image", f"{base['timings']['per_image_s']:.4f} s"))
-        rows.append(("speedup", f"{base['speedup']:.2f}x"))
+        rows.append(("baseline/image", _seconds(base["timings"])))
+        low, high = base["speedup_range"]
+        if base["measurable"]:
+            rows.append(("speedup", f"{base['speedup']:.2f}x (range {low:.2f}-{high:.2f}x over {base['rounds']} rounds)"))
+        else:
+            rows.append(("speedup", f"no measurable difference ({base['speedup']:.2f}x median; the ranges of "
+                                    f"{base['rounds']} alternating rounds overlap)"))
         rows.append(("PSNR vs baseline", f"{base['quality']['psnr_db']} dB"))
         rows.append(("max abs diff", f"{base['quality']['max_abs_diff']:.4g}"))
     rows.append(("outputs", ", ".join(report["outputs"])))

@@ -22,9 +22,17 @@ def recipes_dir() -> Path:
 
 
 def user_recipe_dirs() -> list[Path]:
-    """Folders of users' own recipes, from ACCEL_RECIPES (os.pathsep-separated)."""
+    """Folders of users' own recipes, from ACCEL_RECIPES (os.pathsep-separated); each must be a folder."""
+    from accel.errors import ConfigError
+
     value = os.environ.get("ACCEL_RECIPES", "")
-    return [Path(p).expanduser().resolve() for p in value.split(os.pathsep) if p]
+    folders = [Path(p).expanduser().resolve() for p in value.split(os.pathsep) if p]
+    for folder in folders:
+        if not folder.is_dir():
+            what = "a file" if folder.exists() else "missing"
+            raise ConfigError(f"ACCEL_RECIPES={value!r} names {folder}, which is {what}: it must name folders of "
+                              f"recipe files ({os.pathsep!r}-separated)")
+    return folders
 
 
 def cache_dir() -> Path:

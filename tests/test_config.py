@@ -37,11 +37,20 @@ def test_a_recipe_can_switch_cache_kind_from_the_command_line():
         ("flux_fbcache", ["cache.no_such_key=1"], ["no_such_key", "FBCacheConfig"]),
         ("flux_fbcache", ["cache.residual_diff_threshold=fast"], ["fast", "cache.residual_diff_threshold"]),
         ("flux_fbcache", ["cache.residual_diff_threshold=-0.1"], ["cache.residual_diff_threshold=-0.1", ">= 0"]),
-        ("flux_fbcache", ["cache.start=0.6", "cache.end=0.4"], ["cache.start=0.6", "less than end=0.4"]),
+        ("flux_fbcache", ["cache.start=0.6", "cache.end=0.4"], ["cache.start=0.6", "below end=0.4"]),
         ("flux_fbcache", ["cache.max_consecutive_hits=-2"], ["cache.max_consecutive_hits=-2", "-1"]),
         ("flux_fbcache", ["steps=0"], ["steps=0", ">= 1"]),
         ("flux_fbcache", ["model.dtype=float8"], ["model.dtype='float8'", "bfloat16"]),
         ("flux_fbcache", ["no_such_top_level=1"], ["no_such_top_level"]),
+        # Hydra's `+key` opens the schema; accel's schemas stay closed
+        ("flux_fbcache", ["+cache.residual_dif_threshold=0.1"], ["cache.residual_dif_threshold", "residual_diff_threshold"]),
+        ("flux_fbcache", ["+model.tiny_sed=1"], ["model.tiny_sed", "tiny_seed"]),
+        ("flux_fbcache", ["+sed=1"], ["sed is not a field", "seed"]),
+        # `~key` removes a field: refused, not silently back at its default
+        ("flux_fbcache", ["~prompt"], ["prompt cannot be removed"]),
+        ("flux_fbcache", ["~cache.start"], ["~cache.start", "does not support deletion"]),
+        ("flux_fbcache", ["num_frames=5"], ["num_frames=5", "flux makes images"]),
+        ("flux_fbcache", ["model.num_frames=5"], ["model.num_frames=5", "flux makes images"]),
     ],
 )
 def test_bad_input_fails_at_compose_time_naming_field_value_and_allowed(recipe, overrides, expected):
@@ -105,3 +114,30 @@ def test_plain_dict_configs_are_validated_like_recipes():
 def test_composed_recipe_round_trips_through_yaml():
     cfg = accel.compose("flux_fbcache", ["model=flux_tiny"])
     assert OmegaConf.create(OmegaConf.to_yaml(cfg)) == cfg
+
+
+def test_overrides_given_as_one_string_say_what_is_expected():
+    with pytest.raises(ConfigError, match=r"list of 'key=value' strings"):
+        accel.compose("flux_fbcache", overrides="model=flux_tiny")
+
+
+def test_every_stage_of_the_registry_is_in_every_composed_recipe_and_every_strategy_is_an_option():
+    from accel.config import AccelConfig
+    from dataclasses import fields
+
+    cfg = accel.compose("flux_fbcache")
+    assert all(stage in cfg and stage in {f.name for f in fields(AccelConfig)} for stage in registry.STAGES)
+    for strategy in registry.all_strategies():
+        chosen = accel.compose(None, [f"{strategy.stage}={strategy.name}"])
+        assert chosen[strategy.stage].strategy == strategy.name
+
+
+def test_replay_recipes_name_every_stage(tmp_path, monkeypatch):
+    from accel.job import write_replay_recipe
+
+    cfg = accel.compose("flux_teacache", ["model=flux_tiny", "cache.coefficients=[1.0,0.5]"])
+    write_replay_recipe(cfg, tmp_path / "recipe.yaml")
+    text = (tmp_path / "recipe.yaml").read_text()
+    assert all(f"override /{stage}: {cfg[stage].strategy}" in text for stage in registry.STAGES)
+    monkeypatch.setenv("ACCEL_RECIPES", str(tmp_path))
+    assert accel.compose("recipe") == cfg

@@ -6,6 +6,7 @@ Caches are written against this interface only; adding a model is one adapter pl
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -85,6 +86,10 @@ class BlockAdapter:
     modulated_input: Optional[ModulatedInput] = None
     # TeaCache's published rescale polynomial (highest order first) for a given denoiser, where one exists
     teacache_coefficients: Optional[Callable[[nn.Module], Optional[tuple[float, ...]]]] = None
+    # What heights and widths (multiples of `spatial`) and, for video, frame counts (t·k + 1) the
+    # pipeline generates exactly, from its components' configs ({"vae": {...}, "denoiser": {...}})
+    size_rule: Callable[[dict[str, dict]], "SizeRule"] = lambda configs: SizeRule(8)
+    video: bool = False
 
     def denoiser(self, pipe) -> nn.Module:
         return getattr(pipe, self.denoiser_attr)
@@ -104,6 +109,50 @@ class BlockAdapter:
         import diffusers
 
         return getattr(diffusers, self.pipeline_class)
+
+
+@dataclass(frozen=True)
+class SizeRule:
+    spatial: int  # height and width must be multiples of this
+    temporal: Optional[int] = None  # video: num_frames - 1 must be a multiple of this
+
+    def problems(self, height: int, width: int, num_frames: Optional[int]) -> list[tuple[str, int, str]]:
+        """(field, value, what is allowed) for each size this rule refuses."""
+        found = []
+        for name, value in (("height", height), ("width", width)):
+            if value % self.spatial:
+                low = value - value % self.spatial
+                found.append((name, value, f"a multiple of {self.spatial} for this model, e.g. "
+                                           f"{max(low, self.spatial)} or {low + self.spatial}"))
+        if self.temporal and num_frames is not None and (num_frames - 1) % self.temporal:
+            low = num_frames - (num_frames - 1) % self.temporal
+            found.append(("num_frames", num_frames, f"{self.temporal}·k + 1 for this model, e.g. {low} or "
+                                                   f"{low + self.temporal}"))
+        return found
+
+
+def _vae_factor(configs: dict) -> int:
+    return 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
+
+
+def _flux_size(configs):  # latents are packed 2×2 into tokens
+    return SizeRule(_vae_factor(configs) * 2)
+
+
+def _sd3_size(configs):
+    return SizeRule(_vae_factor(configs) * configs["denoiser"].get("patch_size", 2))
+
+
+def _hunyuan_size(configs):  # the pipeline asks for multiples of 16 whatever the VAE
+    vae, patch = configs["vae"], configs["denoiser"].get("patch_size", 2)
+    return SizeRule(math.lcm(16, vae.get("spatial_compression_ratio", 8) * patch),
+                    vae.get("temporal_compression_ratio", 4))
+
+
+def _wan_size(configs):
+    vae, patch = configs["vae"], configs["denoiser"].get("patch_size", (1, 2, 2))
+    return SizeRule(math.lcm(16, (vae.get("scale_factor_spatial") or 8) * patch[1]),
+                    vae.get("scale_factor_temporal") or 4)
 
 
 def _norm1_modulated_input(module, block, args, kwargs):
@@ -142,6 +191,7 @@ ADAPTERS: dict[str, BlockAdapter] = {
         block_io={"FluxTransformerBlock": ENCODER_FIRST, "FluxSingleTransformerBlock": ENCODER_FIRST},
         modulated_input=_norm1_modulated_input,
         teacache_coefficients=lambda denoiser: (498.651651, -283.781631, 55.8554382, -3.82021401, 0.264230861),
+        size_rule=_flux_size,
     ),
     "sd3": BlockAdapter(
         architecture="sd3",
@@ -151,6 +201,7 @@ ADAPTERS: dict[str, BlockAdapter] = {
         block_lists=("transformer_blocks",),
         block_io={"JointTransformerBlock": ENCODER_FIRST},
         modulated_input=_norm1_modulated_input,
+        size_rule=_sd3_size,
     ),
     "hunyuan_video": BlockAdapter(
         architecture="hunyuan_video",
@@ -161,6 +212,8 @@ ADAPTERS: dict[str, BlockAdapter] = {
         block_io={"HunyuanVideoTransformerBlock": HIDDEN_FIRST, "HunyuanVideoSingleTransformerBlock": HIDDEN_FIRST},
         modulated_input=_norm1_modulated_input,
         teacache_coefficients=lambda denoiser: (733.226126, -401.131952, 67.5869174, -3.14987800, 0.0961237896),
+        size_rule=_hunyuan_size,
+        video=True,
     ),
     "sdxl": BlockAdapter(
         architecture="sdxl",
@@ -181,6 +234,8 @@ ADAPTERS: dict[str, BlockAdapter] = {
         block_io={"WanTransformerBlock": HIDDEN_ONLY},
         modulated_input=_timestep_embedding,
         teacache_coefficients=_wan_coefficients,
+        size_rule=_wan_size,
+        video=True,
     ),
 }
 

@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -25,7 +26,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def _as_model_config(model):
+def as_model_config(model):
     from omegaconf import DictConfig, OmegaConf
 
     from accel.config import ModelConfig
@@ -71,19 +72,30 @@ def fabricate_tiny(model) -> Path:
     return target
 
 
-def _pretrained_location(model) -> str:
-    """A local folder, or a hub id present in the local cache; otherwise a clear error (or the id, when online)."""
+def locate(model) -> Optional[Path]:
+    """The local folder holding a model's pipeline (a tiny one is fabricated there first); None when
+    the weights are not here but the hub is reachable (from_pretrained then downloads them);
+    an AccelError naming the missing weights and the tiny alternative when offline."""
+    model = as_model_config(model)
+    if model.source == "tiny":
+        return fabricate_tiny(model)
     if Path(model.pretrained).expanduser().is_dir():
-        return str(Path(model.pretrained).expanduser())
+        return Path(model.pretrained).expanduser()
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return snapshot_download(model.pretrained, revision=model.revision, local_files_only=True)
+        return Path(snapshot_download(model.pretrained, revision=model.revision, local_files_only=True))
     except (LocalEntryNotFoundError, OSError, ValueError):
         if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
             raise AccelError(_missing_weights(model, "HF_HUB_OFFLINE is set")) from None
-        return model.pretrained
+        return None
+
+
+def component_configs(folder: Path, adapter) -> dict[str, dict]:
+    """The configs of a saved pipeline's VAE and denoiser, read without loading any weights."""
+    read = lambda sub: json.loads((folder / sub / "config.json").read_text())  # noqa: E731
+    return {"vae": read("vae"), "denoiser": read(adapter.denoiser_attr)}
 
 
 def _missing_weights(model, why: str) -> str:
@@ -95,15 +107,13 @@ def _missing_weights(model, why: str) -> str:
 
 def load_pipeline(model, device: str = "auto"):
     """Load the pipeline a model config names, on `device`, in the config's dtype."""
-    model = _as_model_config(model)
+    model = as_model_config(model)
     adapter = ADAPTERS[model.architecture]
     dtype = getattr(torch, model.dtype)
     pipeline_type = adapter.pipeline_type()
-    if model.source == "tiny":
-        location, options = str(fabricate_tiny(model)), {}
-    else:
-        location = _pretrained_location(model)
-        options = {"revision": model.revision, "variant": model.variant}
+    folder = locate(model)
+    location = str(folder) if folder is not None else model.pretrained
+    options = {} if model.source == "tiny" else {"revision": model.revision, "variant": model.variant}
     try:
         pipe = pipeline_type.from_pretrained(location, dtype=dtype, use_safetensors=True, **options)
     except (OSError, EnvironmentError) as err:

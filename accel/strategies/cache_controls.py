@@ -22,7 +22,8 @@ class CacheControls:
     def __post_init__(self):
         require(0.0 <= self.start <= 1.0, "start", self.start, "a fraction in [0, 1]")
         require(0.0 <= self.end <= 1.0, "end", self.end, "a fraction in [0, 1]")
-        require(self.start < self.end, "start", self.start, f"less than end={self.end}")
+        require(self.start < self.end, "start", self.start,
+                f"a fraction below end={self.end}: hits may happen from start up to end, so start >= end never caches")
         require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, ">= 0")
         require(self.max_consecutive_hits >= -1, "max_consecutive_hits", self.max_consecutive_hits,
                 "-1 (unlimited) or >= 0")
