@@ -8,23 +8,19 @@ Writes `teacache_calibrated.yaml` (a `cache` group option) into the run folder a
 """
 from __future__ import annotations
 
-import sys
+import shlex
 from pathlib import Path
 
-import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from accel import resources
-from accel.config import setup, validate
-from accel.errors import AccelError
+from accel import cli
+from accel.errors import AccelError, ConfigError
 from accel.models.adapters import for_pipeline
 from accel.models.loading import load_pipeline
 from accel.strategies.block_cache import TimestepReader, relative_l1
-
-setup()
 
 PROMPTS = (
     "a red fox in fresh snow, golden hour",
@@ -79,7 +75,26 @@ class DiffRecorder:
             handle.remove()
 
 
+def min_steps(order: int) -> int:
+    """Steps per generation a fit of `order` needs: every step after the first gives one pair, and a
+    polynomial of `order` needs order + 1 of them."""
+    return order + 2
+
+
+def fit_coefficients(pairs: np.ndarray, order: int) -> list[float]:
+    """y ≈ poly(x) through (x, y) pairs by least squares; coefficients highest order first, as numpy.polyfit."""
+    return [float(c) for c in np.polyfit(pairs[:, 0], pairs[:, 1], order)]
+
+
+def require_steps(steps: int, order: int) -> None:
+    if steps < min_steps(order):
+        raise ConfigError(f"steps={steps} is not allowed: calibrating an order-{order} polynomial needs at least "
+                          f"{min_steps(order)} steps")
+
+
 def calibrate(pipe, call_kwargs: dict, prompts=PROMPTS, order: int = 4, seed: int = 0) -> tuple[list[float], np.ndarray]:
+    if call_kwargs.get("num_inference_steps") is not None:
+        require_steps(call_kwargs["num_inference_steps"], order)
     recorder = DiffRecorder(pipe)
     try:
         for i, prompt in enumerate(prompts):
@@ -88,38 +103,57 @@ def calibrate(pipe, call_kwargs: dict, prompts=PROMPTS, order: int = 4, seed: in
     finally:
         recorder.remove()
     pairs = np.asarray(recorder.pairs)
-    coefficients = np.polyfit(pairs[:, 0], pairs[:, 1], order)
-    return [float(c) for c in coefficients], pairs
+    return fit_coefficients(pairs, order), pairs
 
 
-@hydra.main(version_base="1.3", config_path=str(resources.conf_dir()), config_name="config")
-def main(cfg: DictConfig) -> None:
+ORDER = 4  # TeaCache's published coefficients are order-4 polynomials
+
+
+def _preflight(cfg: DictConfig) -> None:
+    from accel.job import check_job
+
+    check_job(cfg)
+    require_steps(cfg.steps or cfg.model.steps, ORDER)
+
+
+def _job(cfg: DictConfig, run_dir: Path) -> None:
     from accel.job import generation_kwargs
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        validate(cfg)
-        pipe = load_pipeline(cfg.model, cfg.device)
-        kwargs = generation_kwargs(cfg, pipe)
-        kwargs.pop("prompt")
-        coefficients, pairs = calibrate(pipe, kwargs, seed=cfg.seed)
-    except AccelError as err:
-        print(f"accel: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    pipe = load_pipeline(cfg.model, cfg.device)
+    kwargs = generation_kwargs(cfg, pipe)
+    kwargs.pop("prompt")
+    coefficients, pairs = calibrate(pipe, kwargs, order=ORDER, seed=cfg.seed)
     option = run_dir / "conf" / "cache" / "teacache_calibrated.yaml"
     option.parent.mkdir(parents=True, exist_ok=True)
     fit = np.poly1d(coefficients)(pairs[:, 0])
     residual = float(np.sqrt(np.mean((fit - pairs[:, 1]) ** 2)))
+    choices = HydraConfig.get().runtime.choices
     option.write_text(
-        f"# TeaCache coefficients fitted by accel.calibrate on {cfg.model.architecture} "
-        f"({len(pairs)} steps, {len(PROMPTS)} prompts, fit RMS {residual:.4g}).\n"
+        f"# TeaCache coefficients fitted by accel.calibrate on {cfg.model.architecture} (model={choices['model']}, "
+        f"{kwargs['num_inference_steps']} steps, {len(PROMPTS)} prompts, {len(pairs)} pairs, fit RMS {residual:.4g}).\n"
         "defaults:\n  - /schema/cache/teacache@_here_\n  - _self_\n"
         f"rel_l1_threshold: 0.4\ncoefficients: [{', '.join(f'{c:.9g}' for c in coefficients)}]\n"
+        f"fitted_on: {cfg.model.architecture}\n"
     )
     np.savetxt(run_dir / "calibration_pairs.csv", pairs, delimiter=",", header="input_rel_l1,residual_rel_l1")
-    print(f"accel: fitted {len(coefficients)} coefficients on {len(pairs)} steps (fit RMS {residual:.4g})")
+    print(f"accel: fitted {len(coefficients)} coefficients on {len(pairs)} pairs (fit RMS {residual:.4g})")
     print(f"  {option}")
-    print(f"use it: python -m accel recipe=... 'hydra.searchpath=[file://{option.parent.parent}]' cache=teacache_calibrated")
+    print(f"use it: {_use_command(option.parent.parent.resolve(), choices['model'], kwargs['num_inference_steps'])}")
+
+
+def _use_command(conf: Path, model: str, steps: int) -> str:
+    """The command that runs the same model with the calibrated cache option, working as printed:
+    only the overrides that apply to any recipe are kept (a recipe that sets cache fields would pin
+    another cache schema)."""
+    dropped = ("recipe=", "cache=", "cache.", "model=", "steps=", "hydra.")
+    kept = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith(dropped)]
+    words = ["python", "-m", "accel", f"model={model}", *kept, f"steps={steps}",
+             f"hydra.searchpath=[file://{conf}]", "cache=teacache_calibrated"]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def main() -> None:
+    cli.main(_job, _preflight)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
 """The cache guarantees on every supported architecture, each on its embedded tiny pipeline:
 off equals baseline, no state survives a generation, CFG branches stay apart, remove() restores,
 LoRAs loaded before or after still take effect, stochastic schedulers still work."""
+import inspect
+
 import pytest
 import torch
 
 import accel
 from accel.models.adapters import for_pipeline
+from accel.strategies.fbcache import FBCacheConfig, apply_fbcache
 from tests.helpers import generate, tiny_pipeline
 
 MODELS = ["flux_tiny", "sd35_tiny", "sdxl_tiny", "wan_tiny", "hunyuan_video_tiny"]
@@ -59,6 +62,40 @@ def test_no_state_survives_a_change_of_resolution_batch_or_steps(model):
     for call, out in zip(calls, together):
         with accel.apply(pipe, CACHING):
             assert torch.equal(run(name, pipe, **call), out)
+
+
+def test_wrapped_blocks_keep_their_signature_so_a_later_binding_finds_positional_args(model):
+    """A second cache (or a calibration) binds blocks another cache already wrapped and reads their
+    arguments by the forward's signature; Wan's blocks, for one, take theirs by position."""
+    name, pipe = model
+    adapter = for_pipeline(pipe)
+    signatures = [inspect.signature(b.module.forward) for b in adapter.blocks(adapter.denoiser(pipe))]
+    with accel.apply(pipe, OFF):
+        for block, signature in zip(adapter.blocks(adapter.denoiser(pipe)), signatures):
+            assert "forward" in block.module.__dict__  # bound over the wrapper
+            assert inspect.signature(block.module.forward) == signature
+            names = list(signature.parameters)
+            args = tuple(object() for _ in names)  # every argument passed by position
+            hidden, encoder = block.inputs(args, {})
+            assert hidden is args[names.index(block.io.hidden_arg)]
+            if block.io.encoder_out is not None:
+                assert encoder is args[names.index(block.io.encoder_arg)]
+
+
+def test_a_second_cache_over_wrapped_blocks_runs_exactly(model):
+    name, pipe = model
+    baseline = run(name, pipe)
+    first = apply_fbcache(pipe, FBCacheConfig(residual_diff_threshold=0.0))
+    try:
+        second = apply_fbcache(pipe, FBCacheConfig(residual_diff_threshold=0.0))
+        try:
+            assert torch.equal(run(name, pipe), baseline)
+            assert second.stats()["computed"] > 0 and second.stats()["cached"] == 0
+        finally:
+            second.remove()
+    finally:
+        first.remove()
+    assert torch.equal(run(name, pipe), baseline)
 
 
 def _record_span(pipe, adapter):

@@ -1,5 +1,9 @@
 """MBCache, TeaCache and Taylor forecasting on the tiny FLUX: exactness when off, which blocks a hit
 skips, the first/last-step rule, and forecasting's lower error at the same hit count."""
+import re
+import statistics
+
+import numpy as np
 import pytest
 import torch
 
@@ -28,12 +32,14 @@ def test_off_setting_is_bit_identical_to_the_baseline(pipe, baseline, cache):
 
 
 @pytest.mark.parametrize("cache, expected", [
-    # F1B1 over 4 blocks: block 0 probes, block 3 always runs, blocks 1-2 only on the full step
-    ({"first_blocks": 1, "last_blocks": 1}, [STEPS, 1, 1, STEPS]),
+    # F1B1 over 10 blocks: block 0 probes, block 9 always runs, blocks 1-8 only on the full step
+    ({"first_blocks": 1, "last_blocks": 1}, [STEPS] + [1] * 8 + [STEPS]),
     # F2B0 probed after block 1 only: both first blocks always run
-    ({"first_blocks": 2, "last_blocks": 0}, [STEPS, STEPS, 1, 1]),
+    ({"first_blocks": 2, "last_blocks": 0}, [STEPS, STEPS] + [1] * 8),
     # F2B0 with per-block exit: the probe after block 0 already passes, so block 1 is skipped too
-    ({"first_blocks": 2, "last_blocks": 0, "probe": "per_block"}, [STEPS, 1, 1, 1]),
+    ({"first_blocks": 2, "last_blocks": 0, "probe": "per_block"}, [STEPS] + [1] * 9),
+    # F8B0, cache-dit's default, as flux_mbcache ships it
+    ({"first_blocks": 8, "last_blocks": 0}, [STEPS] * 8 + [1] * 2),
 ])
 def test_mbcache_hits_skip_exactly_the_cached_span(pipe, cache, expected):
     counter = CallCounter([b.attn for b in flux_blocks(pipe)])
@@ -46,8 +52,8 @@ def test_mbcache_hits_skip_exactly_the_cached_span(pipe, cache, expected):
 
 
 def test_mbcache_refuses_fn_plus_bn_covering_every_block(pipe):
-    with pytest.raises(AccelError, match=r"first_blocks=3 \+ cache.last_blocks=1.*4 blocks"):
-        accel.apply(pipe, {"cache": {"strategy": "mbcache", "first_blocks": 3, "last_blocks": 1}})
+    with pytest.raises(AccelError, match=r"first_blocks=9 \+ cache.last_blocks=1.*10 blocks"):
+        accel.apply(pipe, {"cache": {"strategy": "mbcache", "first_blocks": 9, "last_blocks": 1}})
     assert type(pipe).__name__ == "FluxPipeline" and "forward" not in flux_blocks(pipe)[0].__dict__
 
 
@@ -62,6 +68,25 @@ def test_teacache_uses_given_coefficients(pipe):
     assert stats["cached"] == STEPS - 2
     _, stats = run_cache(pipe, strategy="teacache", rel_l1_threshold=1e-12, coefficients=[1.0, 0.0])
     assert stats["cached"] == 0
+
+
+def test_teacache_resets_its_accumulated_distance_after_a_full_step(pipe):
+    identity = dict(strategy="teacache", coefficients=[1.0, 0.0])  # rescale(d) = d
+    _, probe = run_cache(pipe, rel_l1_threshold=0.0, **identity)
+    threshold = 2.5 * statistics.median(d for d in probe["diffs"][0] if d is not None)
+    _, stats = run_cache(pipe, rel_l1_threshold=threshold, **identity)
+    # TeaCache's rule, replayed on the distances the cached run reports: a step without one computes
+    expected, accumulated = "", 0.0
+    for distance in stats["diffs"][0]:
+        if distance is not None:
+            accumulated += abs(distance)
+            if accumulated < threshold:
+                expected += "H"
+                continue
+        expected += "C"
+        accumulated = 0.0
+    assert stats["hit_map"] == [expected]
+    assert re.search("HC+H", expected), expected  # hits again after a full step
 
 
 def test_teacache_threshold_must_be_non_negative():
@@ -81,6 +106,57 @@ def test_taylor_forecast_lowers_the_error_at_the_same_hit_count(pipe, baseline, 
     assert (taylor - baseline).pow(2).mean() < (stale - baseline).pow(2).mean()
 
 
+def test_fit_coefficients_recovers_a_known_polynomial():
+    from accel.calibrate import fit_coefficients
+
+    known = [3.0, -2.0, 0.5, 0.1]  # highest order first
+    x = np.linspace(0.01, 0.6, 25)
+    fitted = fit_coefficients(np.stack([x, np.polyval(known, x)], axis=1), order=3)
+    np.testing.assert_allclose(fitted, known, rtol=1e-6, atol=1e-9)
+
+
+def test_calibration_pairs_are_teacaches_distance_and_the_stack_residuals_change(pipe):
+    from accel.calibrate import calibrate
+
+    prompt, seed = "a lighthouse at night", 3
+    blocks, inputs, outputs = flux_blocks(pipe), [], []
+    handles = [  # FLUX blocks take keywords and return (encoder, hidden)
+        blocks[0].register_forward_pre_hook(lambda m, args, kwargs: inputs.append(kwargs["hidden_states"]),
+                                            with_kwargs=True),
+        blocks[-1].register_forward_hook(lambda m, args, output: outputs.append(output[1])),
+    ]
+    try:
+        _, pairs = calibrate(pipe, dict(num_inference_steps=STEPS, height=64, width=64, output_type="pt"),
+                             prompts=(prompt,), order=1, seed=seed)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert pairs.shape == (STEPS - 1, 2)
+    with accel.apply(pipe, {"cache": {"strategy": "teacache", "rel_l1_threshold": 0.0}}) as run:
+        generate(pipe, seed=seed, prompt=prompt)
+        diffs = run.stats()["cache"]["diffs"][0][1:]  # the pair of step k+1 compares it with step k
+    probed = [(x, d) for x, d in zip(pairs[:, 0], diffs) if d is not None]
+    assert len(probed) == STEPS - 2  # TeaCache takes no distance on its always-computed last step
+    for x, d in probed:
+        assert x == pytest.approx(d, abs=1e-5)  # reported to 5 decimals
+    residuals = [o - i for i, o in zip(inputs, outputs)]
+    for k, y in enumerate(pairs[:, 1]):
+        before, now = residuals[k], residuals[k + 1]
+        assert y == pytest.approx(((now - before).abs().mean() / before.abs().mean()).item(), rel=1e-6)
+
+
+def test_calibration_refuses_fewer_steps_than_the_fit_needs(pipe):
+    from accel.calibrate import calibrate, min_steps
+
+    assert min_steps(4) == 6
+    with pytest.raises(AccelError, match=r"steps=1 is not allowed: calibrating an order-4 polynomial needs at least "
+                                         r"6 steps"):
+        calibrate(pipe, dict(num_inference_steps=1, height=32, width=32), order=4)
+    coefficients, pairs = calibrate(pipe, dict(num_inference_steps=min_steps(1), height=32, width=32),
+                                    prompts=("a red fox",), order=1)  # the fewest steps still fit
+    assert len(pairs) == 2 and len(coefficients) == 2 and np.isfinite(coefficients).all()
+
+
 def test_calibration_fits_a_polynomial_from_input_change_to_residual_change(pipe):
     from accel.calibrate import calibrate
 
@@ -88,3 +164,8 @@ def test_calibration_fits_a_polynomial_from_input_change_to_residual_change(pipe
                                     prompts=("a red fox", "a lighthouse"), order=2)
     assert len(coefficients) == 3 and all(map(lambda c: c == c, coefficients))
     assert pairs.shape == (2 * 4, 2) and (pairs >= 0).all()
+
+
+def test_coefficients_fitted_on_another_architecture_warn(pipe):
+    with pytest.warns(UserWarning, match="fitted on sd3.*this is a flux model"):
+        accel.apply(pipe, {"cache": {"strategy": "teacache", "coefficients": [1.0, 0.0], "fitted_on": "sd3"}}).remove()

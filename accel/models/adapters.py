@@ -92,7 +92,13 @@ class BlockAdapter:
     video: bool = False
 
     def denoiser(self, pipe) -> nn.Module:
-        return getattr(pipe, self.denoiser_attr)
+        """The real denoiser module (unwrapped from torch.compile), which hooks must go on."""
+        return unwrap(getattr(pipe, self.denoiser_attr))
+
+    def denoiser_type(self) -> type:
+        import diffusers
+
+        return getattr(diffusers, self.denoiser_class)
 
     def blocks(self, denoiser: nn.Module) -> list[BoundBlock]:
         bound = []
@@ -109,6 +115,11 @@ class BlockAdapter:
         import diffusers
 
         return getattr(diffusers, self.pipeline_class)
+
+
+def unwrap(module):
+    """The module behind a `torch.compile(module)` wrapper (an OptimizedModule keeps it at `_orig_mod`)."""
+    return getattr(module, "_orig_mod", module)
 
 
 @dataclass(frozen=True)
@@ -241,12 +252,13 @@ ADAPTERS: dict[str, BlockAdapter] = {
 
 
 def for_pipeline(pipe) -> BlockAdapter:
-    """The adapter whose denoiser class the pipeline holds; an AccelError naming the supported ones if none."""
+    """The adapter whose denoiser class (or a subclass, compiled or not) the pipeline holds; an AccelError
+    naming the supported ones if none."""
     for adapter in ADAPTERS.values():
-        denoiser = getattr(pipe, adapter.denoiser_attr, None)
-        if denoiser is not None and type(denoiser).__name__ == adapter.denoiser_class:
+        if isinstance(unwrap(getattr(pipe, adapter.denoiser_attr, None)), adapter.denoiser_type()):
             return adapter
-    held = {attr: type(getattr(pipe, attr)).__name__ for attr in ("transformer", "unet") if getattr(pipe, attr, None) is not None}
+    held = {attr: type(unwrap(getattr(pipe, attr))).__name__ for attr in ("transformer", "unet")
+            if getattr(pipe, attr, None) is not None}
     supported = ", ".join(f"{a.architecture} ({a.denoiser_class})" for a in ADAPTERS.values())
     raise AccelError(
         f"{type(pipe).__name__} with denoiser {held or 'none'} has no block adapter; supported architectures: {supported}"

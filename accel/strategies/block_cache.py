@@ -14,6 +14,7 @@ timestep, so separate-call CFG keeps cond and uncond apart and nothing survives 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
@@ -100,6 +101,12 @@ class Decider(Protocol):
     def must_compute(self, call: CallState) -> bool:
         """A decider's own reasons to compute this call whatever the probes say."""
 
+    threshold_name: str  # the config field a user tunes
+    threshold: float
+
+    def caches_about_half(self, distances: list[float]) -> float:
+        """A threshold that would cache about half the steps, from distances seen between full steps."""
+
 
 class BlockCache:
     """Installs the hooks of one cache on one pipeline; `remove()` takes every one of them off."""
@@ -136,6 +143,7 @@ class BlockCache:
         had_own_forward = "forward" in module.__dict__
         previous = module.forward
 
+        @functools.wraps(previous)  # keeps the signature: BoundBlocks built later (another cache) read arguments by it
         def forward(*args, **kwargs):
             return self._block_forward(index, block, previous, args, kwargs)
 
@@ -278,6 +286,9 @@ class BlockCache:
         branches = [gen.branches[k] for k in sorted(gen.branches)]
         computed = sum(b.computed for b in branches)
         cached = sum(b.cached for b in branches)
+        seen = [d for b in branches for d in b.diffs if d is not None]
+        threshold = {"name": self.decider.threshold_name, "value": self.decider.threshold,
+                     "caches_about_half": round(self.decider.caches_about_half(seen), 5) if seen else None}
         return {
             "generations": self.generations,
             "steps": gen.step + 1,
@@ -286,4 +297,5 @@ class BlockCache:
             "cached": cached,
             "hit_map": ["".join(b.hit_map) for b in branches],
             "diffs": [[None if d is None else round(d, 5) for d in b.diffs] for b in branches],
+            "threshold": threshold,
         }

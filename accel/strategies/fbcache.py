@@ -3,6 +3,7 @@
 their residual from that step instead."""
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 from typing import Optional
 
@@ -44,6 +45,17 @@ class ResidualDiffDecider:
 
     def must_compute(self, call: CallState) -> bool:
         return False
+
+    threshold_name = "residual_diff_threshold"
+
+    @property
+    def threshold(self) -> float:
+        return max(self.thresholds.values())
+
+    def caches_about_half(self, distances: list[float]) -> float:
+        """Each hit is measured against the last full step, so a threshold at the median distance
+        between full steps lets about every other step through."""
+        return statistics.median(distances)
 
 
 @dataclass

@@ -4,6 +4,8 @@ stack's residual from the last full step. A full step resets the sum; first and 
 compute. Coefficients: the model's published ones, or your own from `python -m accel.calibrate`."""
 from __future__ import annotations
 
+import statistics
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -49,12 +51,19 @@ class ModulatedInputDecider:
     def must_compute(self, call: CallState) -> bool:
         return call.step >= call.total_steps - 1
 
+    threshold_name = "rel_l1_threshold"
+
+    def caches_about_half(self, distances: list[float]) -> float:
+        """One rescaled step passes and two do not: hit, compute, hit, compute …"""
+        return 1.5 * statistics.median(abs(float(self.rescale(d))) for d in distances)
+
 
 @dataclass
 class TeaCacheConfig(CacheControls):
     strategy: str = "teacache"
     rel_l1_threshold: float = 0.4  # 0: never cache. FLUX published: 0.25 -> 1.5x, 0.4 -> 1.8x, 0.6 -> 2.0x
     coefficients: Optional[list[float]] = None  # rescale polynomial, highest order first; null: the model's published
+    fitted_on: Optional[str] = None  # the architecture accel.calibrate fitted `coefficients` on
 
     def __post_init__(self):
         super().__post_init__()
@@ -70,6 +79,10 @@ def apply_teacache(pipe, config: TeaCacheConfig) -> BlockCache:
     if adapter.modulated_input is None:
         raise AccelError(f"cache=teacache needs a modulated-input probe, which the {adapter.architecture} adapter lacks")
     coefficients = config.coefficients
+    if config.fitted_on not in (None, adapter.architecture):
+        warnings.warn(f"cache.coefficients were fitted on {config.fitted_on} (cache.fitted_on) but this is a "
+                      f"{adapter.architecture} model: its probe changes differently, so the threshold will not mean "
+                      f"the same; calibrate on this model with `python -m accel.calibrate`", stacklevel=2)
     if coefficients is None and adapter.teacache_coefficients is not None:
         coefficients = adapter.teacache_coefficients(adapter.denoiser(pipe))
     if coefficients is None:

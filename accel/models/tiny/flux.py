@@ -35,7 +35,8 @@ def tiny_t5(d_model: int = TEXT_DIM):
 def build(seed: int = 0, **transformer_overrides) -> FluxPipeline:
     torch.manual_seed(seed)
     vae = tiny_vae(latent_channels=4, shift_factor=0.0609, scaling_factor=1.5035)
-    transformer_config = dict(patch_size=1, in_channels=4 * 4, num_layers=2, num_single_layers=2, attention_head_dim=16,
+    # 2 double- and 8 single-stream blocks: FLUX's 1:2 proportion, and room for cache-dit's F8B0 default
+    transformer_config = dict(patch_size=1, in_channels=4 * 4, num_layers=2, num_single_layers=8, attention_head_dim=16,
                               num_attention_heads=2, joint_attention_dim=TEXT_DIM, pooled_projection_dim=TEXT_DIM,
                               axes_dims_rope=None)
     transformer_config.update(transformer_overrides)

@@ -1,0 +1,31 @@
+"""What a run tells a user: a speedup only where the timed rounds tell the variants apart."""
+import numpy as np
+
+from accel.report import comparison, summary_table, timing_summary
+
+IMAGES = np.zeros((1, 8, 8, 3))
+
+
+def _report(baseline_s, accelerated_s):
+    base = comparison(baseline_s, accelerated_s, images=1, steps=4, output=IMAGES, reference=IMAGES)
+    return {
+        "recipe": {"model": {"architecture": "flux", "source": "tiny"}},
+        "stats": {},
+        "timings": {"load_s": 1.0, "apply_s": 0.001, "first_call_s": 1.0, "accelerated": timing_summary(accelerated_s, 1, 4)},
+        "baseline": base,
+        "outputs": [],
+    }
+
+
+def test_overlapping_rounds_are_no_measurable_difference():
+    report = _report([1.0, 1.4, 1.1], [0.9, 1.2, 1.05])
+    assert report["baseline"]["measurable"] is False
+    assert "no measurable difference" in summary_table(report)
+
+
+def test_separate_rounds_give_the_median_speedup_and_its_range():
+    report = _report([2.0, 2.2, 2.1], [1.0, 1.1, 1.05])
+    base = report["baseline"]
+    assert base["measurable"] and base["speedup"] == round(2.1 / 1.05, 3)
+    assert base["speedup_range"] == [round(2.0 / 1.1, 3), round(2.2 / 1.0, 3)]
+    assert "2.00x (range 1.82-2.20x over 3 rounds)" in summary_table(report)
