@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from accel import registry
 from accel.config import compose as _compose
 from accel.config import setup, strategy_configs
+from accel.context import ApplyContext
 from accel.errors import AccelError
 from accel.models.adapters import for_pipeline
 from accel.models.loading import load_pipeline
@@ -85,12 +86,13 @@ def apply(pipe, recipe: Union[str, dict, DictConfig], overrides: Sequence[str] =
             raise AccelError(f"{where} already has {active!r} applied: remove() that run first")
     configs = strategy_configs(recipe)  # validate every stage before touching the pipeline
     run = Run(pipe, [])
+    ctx = ApplyContext(pipe, device=pipe.device, applied=run.applied)
     try:
         for stage in registry.STAGES:
             config = configs.get(stage)
             if config is None or config.strategy == "none":
                 continue
-            handle = registry.get(stage, config.strategy).apply(pipe, config)
+            handle = registry.get(stage, config.strategy).apply(ctx, config)
             run.applied.append((stage, config.strategy, handle))
     except BaseException:
         run.remove()

@@ -41,7 +41,7 @@ class DiffRecorder:
         blocks = adapter.blocks(adapter.denoiser(pipe))
         self.first, self.last = blocks[0], blocks[-1]
         self.pairs: list[tuple[float, float]] = []
-        self.read_timestep = TimestepReader(adapter.denoiser(pipe))
+        self.read_timestep = TimestepReader(adapter.denoiser(pipe), getattr(pipe, "scheduler", None))
         self.new_generation()
         self.handles = [
             adapter.denoiser(pipe).register_forward_pre_hook(self._before_denoiser, with_kwargs=True),

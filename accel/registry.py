@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterable, Optional, Protocol
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -35,15 +35,19 @@ class Strategy:
     name: str
     stage: str
     config_cls: type
-    apply: Callable[..., Handle]  # apply(pipe, config) -> Handle
+    apply: Callable[..., Handle]  # apply(ctx: ApplyContext, config) -> Handle
     doc: str = ""
+    # check(facts: ModelFacts, config) -> problems: what the doctor (and every run, before it starts)
+    # asks of this strategy, from the model's configs and the device, without loading weights
+    check: Optional[Callable[..., Iterable[str]]] = None
 
 
 _STRATEGIES: dict[tuple[str, str], Strategy] = {}
 
 
-def register(name: str, stage: str, config_cls: type):
-    """Decorator registering `apply(pipe, config) -> Handle` as strategy `name` of `stage`."""
+def register(name: str, stage: str, config_cls: type, check: Optional[Callable[..., Iterable[str]]] = None):
+    """Decorator registering `apply(ctx, config) -> Handle` as strategy `name` of `stage`; `check`
+    declares what the doctor verifies before anything loads."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
 
@@ -51,7 +55,7 @@ def register(name: str, stage: str, config_cls: type):
         key = (stage, name)
         if key in _STRATEGIES:
             raise ValueError(f"strategy {stage}/{name} is registered twice")
-        _STRATEGIES[key] = Strategy(name, stage, config_cls, apply, (apply.__doc__ or "").strip())
+        _STRATEGIES[key] = Strategy(name, stage, config_cls, apply, (apply.__doc__ or "").strip(), check)
         return apply
 
     return decorate
@@ -105,4 +109,4 @@ class NoHandle:
 
 
 for _stage in STAGES:
-    register("none", _stage, NoStrategy)(lambda pipe, config: NoHandle())
+    register("none", _stage, NoStrategy)(lambda ctx, config: NoHandle())

@@ -40,7 +40,7 @@ def main() -> None:
     fb_diffs = observed_diffs({"strategy": "fbcache", "residual_diff_threshold": 0.0})
     mb_diffs = observed_diffs({"strategy": "mbcache", "residual_diff_threshold": 0.0, "first_blocks": fn, "last_blocks": bn})
     tea_diffs = observed_diffs({"strategy": "teacache", "rel_l1_threshold": 0.0})
-    rescale = np.poly1d(ADAPTERS["flux"].teacache_coefficients(pipe.transformer))
+    rescale = np.poly1d(ADAPTERS["flux"].teacache_coefficients(pipe.transformer.config))
     tea_step = statistics.median(abs(float(rescale(d))) for d in tea_diffs)
 
     variants: dict[str, dict] = {}

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import accel
+from accel.context import ApplyContext
 from accel.models.adapters import for_pipeline
 from accel.strategies.fbcache import FBCacheConfig, apply_fbcache
 from tests.helpers import generate, tiny_pipeline
@@ -85,9 +86,10 @@ def test_wrapped_blocks_keep_their_signature_so_a_later_binding_finds_positional
 def test_a_second_cache_over_wrapped_blocks_runs_exactly(model):
     name, pipe = model
     baseline = run(name, pipe)
-    first = apply_fbcache(pipe, FBCacheConfig(residual_diff_threshold=0.0))
+    ctx = ApplyContext(pipe, pipe.device)
+    first = apply_fbcache(ctx, FBCacheConfig(residual_diff_threshold=0.0))
     try:
-        second = apply_fbcache(pipe, FBCacheConfig(residual_diff_threshold=0.0))
+        second = apply_fbcache(ctx, FBCacheConfig(residual_diff_threshold=0.0))
         try:
             assert torch.equal(run(name, pipe), baseline)
             assert second.stats()["computed"] > 0 and second.stats()["cached"] == 0

@@ -85,7 +85,10 @@ class BlockAdapter:
     residual_base: str = "probe"
     modulated_input: Optional[ModulatedInput] = None
     # TeaCache's published rescale polynomial (highest order first) for a given denoiser, where one exists
-    teacache_coefficients: Optional[Callable[[nn.Module], Optional[tuple[float, ...]]]] = None
+    # (from the denoiser's config, a mapping, so the doctor can ask before any weights load)
+    teacache_coefficients: Optional[Callable[[Any], Optional[tuple[float, ...]]]] = None
+    # how many blocks the denoiser of a given config has (the doctor checks Fn + Bn against it)
+    block_count: Callable[[Any], int] = lambda config: config["num_layers"]
     # What heights and widths (multiples of `spatial`) and, for video, frame counts (t·k + 1) the
     # pipeline generates exactly, from its components' configs ({"vae": {...}, "denoiser": {...}})
     size_rule: Callable[[dict[str, dict]], "SizeRule"] = lambda configs: SizeRule(8)
@@ -177,11 +180,10 @@ def _timestep_embedding(module, block, args, kwargs):
     return block.arg("temb", args, kwargs)
 
 
-def _wan_coefficients(denoiser) -> Optional[tuple[float, ...]]:
+def _wan_coefficients(config) -> Optional[tuple[float, ...]]:
     """Wan 2.1's published coefficients by variant: T2V 1.3B (dim 1536) or 14B (dim 5120); I2V has 36 input channels."""
-    config = denoiser.config
-    dim = config.num_attention_heads * config.attention_head_dim
-    if config.in_channels == 36:
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    if config["in_channels"] == 36:
         return None  # I2V coefficients differ by resolution (480P / 720P): set cache.coefficients
     return {5120: (-5784.54975374, 5449.50911966, -1811.16591783, 256.27178429, -13.02252404)}.get(
         dim, (2396.76752, -1311.10545, 201.331979, -8.29855975, 0.137887774))
@@ -201,7 +203,8 @@ ADAPTERS: dict[str, BlockAdapter] = {
         block_lists=("transformer_blocks", "single_transformer_blocks"),
         block_io={"FluxTransformerBlock": ENCODER_FIRST, "FluxSingleTransformerBlock": ENCODER_FIRST},
         modulated_input=_norm1_modulated_input,
-        teacache_coefficients=lambda denoiser: (498.651651, -283.781631, 55.8554382, -3.82021401, 0.264230861),
+        teacache_coefficients=lambda config: (498.651651, -283.781631, 55.8554382, -3.82021401, 0.264230861),
+        block_count=lambda config: config["num_layers"] + config["num_single_layers"],
         size_rule=_flux_size,
     ),
     "sd3": BlockAdapter(
@@ -222,7 +225,8 @@ ADAPTERS: dict[str, BlockAdapter] = {
         block_lists=("transformer_blocks", "single_transformer_blocks"),
         block_io={"HunyuanVideoTransformerBlock": HIDDEN_FIRST, "HunyuanVideoSingleTransformerBlock": HIDDEN_FIRST},
         modulated_input=_norm1_modulated_input,
-        teacache_coefficients=lambda denoiser: (733.226126, -401.131952, 67.5869174, -3.14987800, 0.0961237896),
+        teacache_coefficients=lambda config: (733.226126, -401.131952, 67.5869174, -3.14987800, 0.0961237896),
+        block_count=lambda config: config["num_layers"] + config["num_single_layers"],
         size_rule=_hunyuan_size,
         video=True,
     ),
@@ -235,6 +239,7 @@ ADAPTERS: dict[str, BlockAdapter] = {
         block_io={"DownBlock2D": UNET_DOWN, "CrossAttnDownBlock2D": UNET_DOWN, "UNetMidBlock2DCrossAttn": HIDDEN_ONLY,
                   "UpBlock2D": HIDDEN_ONLY, "CrossAttnUpBlock2D": HIDDEN_ONLY},
         residual_base="span_input",
+        block_count=lambda config: len(config["down_block_types"]) + 1 + len(config["up_block_types"]),
     ),
     "wan": BlockAdapter(
         architecture="wan",

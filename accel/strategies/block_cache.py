@@ -14,7 +14,6 @@ timestep, so separate-call CFG keeps cond and uncond apart and nothing survives 
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
@@ -22,6 +21,7 @@ from typing import Any, Optional, Protocol
 import torch
 
 from accel.models.adapters import BlockAdapter, BoundBlock
+from accel.models.layered_forward import wrap
 from accel.pipeline_calls import add_call_hook
 from accel.strategies.cache_controls import CacheControls
 from accel.strategies.forecast import ResidualForecast
@@ -35,14 +35,19 @@ def relative_l1(now: torch.Tensor, before: torch.Tensor) -> float:
 
 
 class TimestepReader:
-    """Reads the timestep a denoiser is called with (by keyword, or by position for UNets). Calls at
-    the same timestep are the CFG branches of one step: that is how steps and branches are counted."""
+    """Tells which step a denoiser call belongs to: calls of the same step are the CFG branches of it,
+    which is how steps and branches are counted. The pipeline's scheduler already knows its step
+    index as a Python int; only where it has none is the timestep tensor read, which on a GPU waits
+    for the device (by keyword, or by position for UNets)."""
 
-    def __init__(self, denoiser: torch.nn.Module):
+    def __init__(self, denoiser: torch.nn.Module, scheduler=None):
         parameters = list(inspect.signature(denoiser.forward).parameters)
         self.position = parameters.index("timestep") if "timestep" in parameters else None
+        self.scheduler = scheduler if hasattr(scheduler, "step_index") else None
 
-    def __call__(self, args: tuple, kwargs: dict) -> Optional[float]:
+    def __call__(self, args: tuple, kwargs: dict):
+        if self.scheduler is not None:
+            return ("step", self.scheduler.step_index)
         timestep = kwargs.get("timestep")
         if timestep is None and self.position is not None and self.position < len(args):
             timestep = args[self.position]
@@ -121,7 +126,7 @@ class BlockCache:
         self.probe_points = decider.probes(len(self.blocks))
         self.order = controls.forecast_order if controls.forecast == "taylor" else 0
         self.from_span_input = adapter.residual_base == "span_input"
-        self.timestep = TimestepReader(self.denoiser)
+        self.timestep = TimestepReader(self.denoiser, getattr(pipe, "scheduler", None))
         self.generation: Optional[Generation] = None
         self.call: Optional[CallState] = None
         self.last_generation: Optional[Generation] = None
@@ -139,23 +144,10 @@ class BlockCache:
             self._wrap_block(index, block)
 
     def _wrap_block(self, index: int, block: BoundBlock) -> None:
-        module = block.module
-        had_own_forward = "forward" in module.__dict__
-        previous = module.forward
+        def cached(inner, *args, **kwargs):
+            return self._block_forward(index, block, inner, args, kwargs)
 
-        @functools.wraps(previous)  # keeps the signature: BoundBlocks built later (another cache) read arguments by it
-        def forward(*args, **kwargs):
-            return self._block_forward(index, block, previous, args, kwargs)
-
-        module.forward = forward
-
-        def unwrap() -> None:
-            if had_own_forward:
-                module.forward = previous
-            else:
-                del module.forward
-
-        self._undo.append(unwrap)
+        self._undo.append(wrap(block.module, cached))
 
     def remove(self) -> None:
         while self._undo:

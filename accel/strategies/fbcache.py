@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from accel.errors import require
-from accel.models.adapters import for_pipeline
+from accel.context import ApplyContext
 from accel.registry import register
 from accel.strategies.block_cache import BlockCache, CallState, relative_l1
 from accel.strategies.cache_controls import CacheControls
@@ -70,8 +70,8 @@ class FBCacheConfig(CacheControls):
 
 
 @register("fbcache", stage="cache", config_cls=FBCacheConfig)
-def apply_fbcache(pipe, config: FBCacheConfig) -> BlockCache:
+def apply_fbcache(ctx: ApplyContext, config: FBCacheConfig) -> BlockCache:
     """First Block Cache: probe block 0's residual, skip all later blocks on a hit."""
-    adapter = for_pipeline(pipe)
+    adapter = ctx.adapter
     decider = ResidualDiffDecider({0: config.residual_diff_threshold}, residual=adapter.residual_base == "probe")
-    return BlockCache(pipe, adapter, config, decider)
+    return BlockCache(ctx.pipe, adapter, config, decider)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from accel.errors import AccelError, require
-from accel.models.adapters import for_pipeline
+from accel.context import ApplyContext
 from accel.registry import register
 from accel.strategies.block_cache import BlockCache
 from accel.strategies.cache_controls import CacheControls
@@ -34,10 +34,10 @@ class MBCacheConfig(CacheControls):
 
 
 @register("mbcache", stage="cache", config_cls=MBCacheConfig)
-def apply_mbcache(pipe, config: MBCacheConfig) -> BlockCache:
+def apply_mbcache(ctx: ApplyContext, config: MBCacheConfig) -> BlockCache:
     """Multi-block cache: compute Fn first and Bn last blocks, cache the span between."""
-    adapter = for_pipeline(pipe)
-    n_blocks = len(adapter.blocks(adapter.denoiser(pipe)))
+    adapter = ctx.adapter
+    n_blocks = len(adapter.blocks(ctx.denoiser))
     if config.first_blocks + config.last_blocks >= n_blocks:
         raise AccelError(
             f"cache.first_blocks={config.first_blocks} + cache.last_blocks={config.last_blocks} leaves no block "
@@ -51,4 +51,4 @@ def apply_mbcache(pipe, config: MBCacheConfig) -> BlockCache:
     probes = range(config.first_blocks) if config.probe == "per_block" else [config.first_blocks - 1]
     decider = ResidualDiffDecider({p: config.residual_diff_threshold for p in probes},
                                   residual=adapter.residual_base == "probe")
-    return BlockCache(pipe, adapter, config, decider, last_blocks=config.last_blocks)
+    return BlockCache(ctx.pipe, adapter, config, decider, last_blocks=config.last_blocks)

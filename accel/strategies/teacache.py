@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from accel.errors import AccelError, require
-from accel.models.adapters import BlockAdapter, for_pipeline
+from accel.models.adapters import BlockAdapter
+from accel.context import ApplyContext
 from accel.registry import register
 from accel.strategies.block_cache import SPAN_INPUT, BlockCache, CallState, relative_l1
 from accel.strategies.cache_controls import CacheControls
@@ -73,9 +74,9 @@ class TeaCacheConfig(CacheControls):
 
 
 @register("teacache", stage="cache", config_cls=TeaCacheConfig)
-def apply_teacache(pipe, config: TeaCacheConfig) -> BlockCache:
+def apply_teacache(ctx: ApplyContext, config: TeaCacheConfig) -> BlockCache:
     """TeaCache: accumulate the rescaled change of block 0's modulated input; skip every block while under the threshold."""
-    adapter = for_pipeline(pipe)
+    adapter = ctx.adapter
     if adapter.modulated_input is None:
         raise AccelError(f"cache=teacache needs a modulated-input probe, which the {adapter.architecture} adapter lacks")
     coefficients = config.coefficients
@@ -84,11 +85,11 @@ def apply_teacache(pipe, config: TeaCacheConfig) -> BlockCache:
                       f"{adapter.architecture} model: its probe changes differently, so the threshold will not mean "
                       f"the same; calibrate on this model with `python -m accel.calibrate`", stacklevel=2)
     if coefficients is None and adapter.teacache_coefficients is not None:
-        coefficients = adapter.teacache_coefficients(adapter.denoiser(pipe))
+        coefficients = adapter.teacache_coefficients(ctx.denoiser.config)
     if coefficients is None:
         raise AccelError(
             f"cache.coefficients=null but this {adapter.architecture} model has no published TeaCache coefficients: fit them with "
             f"`python -m accel.calibrate recipe=...` and set cache.coefficients"
         )
     decider = ModulatedInputDecider(adapter, config.rel_l1_threshold, list(coefficients))
-    return BlockCache(pipe, adapter, config, decider)
+    return BlockCache(ctx.pipe, adapter, config, decider)
