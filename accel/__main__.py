@@ -18,14 +18,10 @@ def job(cfg: DictConfig, run_dir: Path) -> None:
     print(summary_table(report))
 
 
-def preflight(cfg: DictConfig) -> None:
-    from accel.job import check_job
-
-    check_job(cfg)
-
-
 def main() -> None:
-    cli.main(job, preflight)
+    from accel import doctor
+
+    cli.main(job, doctor.check)
 
 
 if __name__ == "__main__":

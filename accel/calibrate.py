@@ -110,9 +110,9 @@ ORDER = 4  # TeaCache's published coefficients are order-4 polynomials
 
 
 def _preflight(cfg: DictConfig) -> None:
-    from accel.job import check_job
+    from accel import doctor
 
-    check_job(cfg)
+    doctor.check(cfg)
     require_steps(cfg.steps or cfg.model.steps, ORDER)
 
 

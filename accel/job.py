@@ -18,9 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from accel import registry
 from accel import report as reports
 from accel.api import apply
-from accel.errors import AccelError, ConfigError
-from accel.models.adapters import ADAPTERS
-from accel.models.loading import as_model_config, component_configs, load_pipeline, locate, resolve_device
+from accel.errors import AccelError
+from accel.models.loading import load_pipeline, resolve_device
 
 
 class StageFailed(AccelError):
@@ -95,21 +94,6 @@ def _quiet_loading() -> None:
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
-
-
-def check_job(cfg: DictConfig) -> None:
-    """What a validated recipe must also satisfy before a run starts, read from the model's files
-    without loading weights: sizes the pipeline makes exactly, and weights that are here."""
-    model = as_model_config(cfg.model)
-    folder = locate(model)  # missing weights fail here, naming the tiny alternative
-    if folder is None:
-        return  # on the hub: from_pretrained downloads them, and the pipeline checks sizes itself
-    adapter = ADAPTERS[model.architecture]
-    rule = adapter.size_rule(component_configs(folder, adapter))
-    frames = (cfg.num_frames or model.num_frames) if adapter.video else None
-    for field, value, allowed in rule.problems(cfg.height or model.height, cfg.width or model.width, frames):
-        where = field if cfg.get(field) is not None else f"model.{field}"
-        raise ConfigError(f"{where}={value} is not allowed: {allowed}")
 
 
 def run_job(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None) -> dict:

@@ -33,21 +33,28 @@ class MBCacheConfig(CacheControls):
         require(self.probe in PROBES, "probe", self.probe, f"one of {PROBES}")
 
 
-@register("mbcache", stage="cache", config_cls=MBCacheConfig)
+def _problems(adapter, n_blocks: int, config: MBCacheConfig) -> list[str]:
+    found = []
+    if config.first_blocks + config.last_blocks >= n_blocks:
+        found.append(f"first_blocks={config.first_blocks} + cache.last_blocks={config.last_blocks} leaves no block "
+                     f"to cache: this {adapter.architecture} model has {n_blocks} blocks, so Fn + Bn must be < {n_blocks}")
+    if adapter.residual_base == "span_input" and config.last_blocks:
+        found.append(f"last_blocks={config.last_blocks}: on {adapter.architecture} the cached span must reach the last "
+                     "block (its blocks change resolution, so the residual is taken over the whole span); use last_blocks=0")
+    return found
+
+
+def check_mbcache(facts, config: MBCacheConfig) -> list[str]:
+    return [] if facts.block_count is None else _problems(facts.adapter, facts.block_count, config)
+
+
+@register("mbcache", stage="cache", config_cls=MBCacheConfig, check=check_mbcache)
 def apply_mbcache(ctx: ApplyContext, config: MBCacheConfig) -> BlockCache:
     """Multi-block cache: compute Fn first and Bn last blocks, cache the span between."""
     adapter = ctx.adapter
-    n_blocks = len(adapter.blocks(ctx.denoiser))
-    if config.first_blocks + config.last_blocks >= n_blocks:
-        raise AccelError(
-            f"cache.first_blocks={config.first_blocks} + cache.last_blocks={config.last_blocks} leaves no block "
-            f"to cache: this {adapter.architecture} model has {n_blocks} blocks, so Fn + Bn must be < {n_blocks}"
-        )
-    if adapter.residual_base == "span_input" and config.last_blocks:
-        raise AccelError(
-            f"cache.last_blocks={config.last_blocks}: on {adapter.architecture} the cached span must reach the last "
-            "block (its blocks change resolution, so the residual is taken over the whole span); use last_blocks=0"
-        )
+    problems = _problems(adapter, len(adapter.blocks(ctx.denoiser)), config)
+    if problems:
+        raise AccelError(f"cache.{problems[0]}")
     probes = range(config.first_blocks) if config.probe == "per_block" else [config.first_blocks - 1]
     decider = ResidualDiffDecider({p: config.residual_diff_threshold for p in probes},
                                   residual=adapter.residual_base == "probe")

@@ -73,23 +73,35 @@ class TeaCacheConfig(CacheControls):
                 "null (published) or a list of polynomial coefficients, highest order first")
 
 
-@register("teacache", stage="cache", config_cls=TeaCacheConfig)
+def _coefficients(adapter, denoiser_config, config: TeaCacheConfig) -> tuple[Optional[list[float]], list[str]]:
+    """The coefficients to use, and what makes TeaCache unusable on this model."""
+    if adapter.modulated_input is None:
+        return None, [f"strategy=teacache needs a modulated-input probe, which the {adapter.architecture} adapter lacks"]
+    coefficients = config.coefficients
+    if coefficients is None and adapter.teacache_coefficients is not None:
+        coefficients = adapter.teacache_coefficients(denoiser_config)
+    if coefficients is None:
+        return None, [f"coefficients=null but this {adapter.architecture} model has no published TeaCache coefficients: "
+                      "fit them with `python -m accel.calibrate recipe=...` and set cache.coefficients"]
+    return list(coefficients), []
+
+
+def check_teacache(facts, config: TeaCacheConfig) -> list[str]:
+    if facts.configs is None:
+        return _coefficients(facts.adapter, None, config)[1] if facts.adapter.modulated_input is None else []
+    return _coefficients(facts.adapter, facts.configs["denoiser"], config)[1]
+
+
+@register("teacache", stage="cache", config_cls=TeaCacheConfig, check=check_teacache)
 def apply_teacache(ctx: ApplyContext, config: TeaCacheConfig) -> BlockCache:
     """TeaCache: accumulate the rescaled change of block 0's modulated input; skip every block while under the threshold."""
     adapter = ctx.adapter
-    if adapter.modulated_input is None:
-        raise AccelError(f"cache=teacache needs a modulated-input probe, which the {adapter.architecture} adapter lacks")
-    coefficients = config.coefficients
+    coefficients, problems = _coefficients(adapter, ctx.denoiser.config, config)
+    if problems:
+        raise AccelError(f"cache.{problems[0]}")
     if config.fitted_on not in (None, adapter.architecture):
         warnings.warn(f"cache.coefficients were fitted on {config.fitted_on} (cache.fitted_on) but this is a "
                       f"{adapter.architecture} model: its probe changes differently, so the threshold will not mean "
                       f"the same; calibrate on this model with `python -m accel.calibrate`", stacklevel=2)
-    if coefficients is None and adapter.teacache_coefficients is not None:
-        coefficients = adapter.teacache_coefficients(ctx.denoiser.config)
-    if coefficients is None:
-        raise AccelError(
-            f"cache.coefficients=null but this {adapter.architecture} model has no published TeaCache coefficients: fit them with "
-            f"`python -m accel.calibrate recipe=...` and set cache.coefficients"
-        )
-    decider = ModulatedInputDecider(adapter, config.rel_l1_threshold, list(coefficients))
+    decider = ModulatedInputDecider(adapter, config.rel_l1_threshold, coefficients)
     return BlockCache(ctx.pipe, adapter, config, decider)
