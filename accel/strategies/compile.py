@@ -1,0 +1,134 @@
+"""torch.compile of the denoiser, regionally (each block's own computation, as diffusers'
+compile_repeated_blocks does) or whole.
+
+With `scope: blocks` the compiled region is each block's own forward, put *below* any cache on the
+block (accel.models.layered_forward), whatever order the stages were applied in: a cache's decisions
+(a distance read back with .item(), a Python branch) stay in eager code between compiled regions, so
+every block traces with fullgraph=True and no graph breaks. Blocks of one class share their graphs.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, Optional
+
+import torch
+from torch._dynamo.utils import counters
+
+from accel import resources
+from accel.context import ApplyContext
+from accel.errors import AccelError, require
+from accel.models.layered_forward import replace_own
+from accel.registry import register
+
+MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+SCOPES = ("blocks", "full")
+
+
+@dataclass
+class CompileConfig:
+    strategy: str = "torch"
+    scope: str = "blocks"  # blocks: each block's own forward (regional); full: the whole denoiser
+    backend: str = "inductor"
+    mode: Optional[str] = None  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    fullgraph: bool = True  # a graph break is an error, not a silent slowdown
+    dynamic: Optional[bool] = None  # null: torch decides (static first, dynamic after a shape changes)
+    options: dict[str, Any] = field(default_factory=dict)  # backend options (inductor's config), not with mode
+    disable: bool = False  # keep the recipe, compile nothing
+
+    def __post_init__(self):
+        require(self.scope in SCOPES, "scope", self.scope, f"one of {SCOPES}")
+        require(self.mode in MODES, "mode", self.mode, f"one of {[m for m in MODES if m]} or null")
+        backends = sorted(torch._dynamo.list_backends(exclude_tags=()))
+        require(self.backend in backends, "backend", self.backend, f"one of {backends}")
+        require(not (self.mode and self.options), "options", self.options,
+                "empty when mode is set (torch.compile takes one or the other)")
+
+
+def check_compile(facts, config: CompileConfig) -> list[str]:
+    problems = []
+    if config.disable:
+        return problems
+    cuda = facts.device.type == "cuda"
+    if config.backend == "inductor":
+        if cuda and importlib.util.find_spec("triton") is None:
+            problems.append("backend='inductor' is not allowed here: on a GPU inductor needs the triton package")
+        if not cuda and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")):
+            problems.append("backend='inductor' is not allowed here: on the CPU inductor needs a C++ compiler "
+                            "(g++ or clang++ on PATH, or CXX); install one or use backend=eager")
+    if config.mode == "reduce-overhead" and not cuda:
+        problems.append(f"mode='reduce-overhead' is not allowed on {facts.device}: it records CUDA graphs")
+    cache = facts.stages.get("cache")
+    if config.scope == "full" and cache is not None and cache.strategy != "none":
+        problems.append(f"scope='full' is not allowed with cache={cache.strategy}: compiling the whole denoiser "
+                        "traces the cache's decisions (a graph break at every block); use scope=blocks")
+    return problems
+
+
+class CompiledDenoiser:
+    """The compiled regions of one denoiser, and what compiling them cost, read from dynamo's counters."""
+
+    def __init__(self, ctx: ApplyContext, config: CompileConfig):
+        self.config = config
+        self.regions = [] if config.disable else self._regions(ctx)
+        self.region_classes = len({type(m) for m in self.regions})
+        self._start = self._counts()
+        options = dict(backend=config.backend, fullgraph=config.fullgraph, dynamic=config.dynamic)
+        if config.mode:
+            options["mode"] = config.mode
+        if config.options:
+            options["options"] = dict(config.options)
+        if config.backend == "inductor":
+            # inductor's caches survive the process: a later run of the same blocks skips most compile work
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(resources.cache_dir() / "inductor"))
+        self._undo = [replace_own(module, lambda own: torch.compile(own, **options)) for module in self.regions]
+
+    def _regions(self, ctx: ApplyContext) -> list[torch.nn.Module]:
+        if self.config.scope == "full":
+            return [ctx.denoiser]
+        return [block.module for block in ctx.adapter.blocks(ctx.denoiser)]
+
+    @staticmethod
+    def _counts() -> tuple[int, int]:
+        return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+    def stats(self) -> dict[str, Any]:
+        if self.config.disable:
+            return {"disabled": True}
+        graphs, breaks = (now - then for now, then in zip(self._counts(), self._start))
+        return {"scope": self.config.scope, "backend": self.config.backend, "regions": len(self.regions),
+                "graphs": graphs, "graph_breaks": breaks,
+                # a class's first graph is its compile; every further one is a recompile (new shape,
+                # new stride, a LoRA that changed the module)
+                "recompiles": max(0, graphs - self.region_classes)}
+
+    def remove(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+
+@register("torch", stage="compile", config_cls=CompileConfig, check=check_compile)
+def apply_compile(ctx: ApplyContext, config: CompileConfig) -> CompiledDenoiser:
+    """torch.compile of each block's own computation (regional), or of the whole denoiser."""
+    problems = check_compile(_Facts(ctx), config)
+    if problems:
+        raise AccelError(f"compile.{problems[0]}")
+    return CompiledDenoiser(ctx, config)
+
+
+@dataclass
+class _Facts:
+    """What check_compile reads, from an applied context instead of the doctor's facts."""
+
+    ctx: ApplyContext
+
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.device
+
+    @property
+    def stages(self) -> dict[str, Any]:
+        return {stage: SimpleNamespace(strategy=name) for stage, name, _ in self.ctx.applied}
