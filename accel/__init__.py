@@ -13,7 +13,11 @@ from accel.errors import AccelError, ConfigError
 
 __version__ = "0.1.0"
 
-# transformers warns on first use of an image processor that torchvision is missing and it falls back
-# to PIL; the pipelines here never process input images, so a user has nothing to act on.
-logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
+# Warnings a user has nothing to act on: transformers' fallback to PIL image processors (these
+# pipelines process no input images); torchao's CUDA-only kernels failing to load on a machine without
+# CUDA, and torch's deprecation notes on its enums; diffusers' note that it cannot read
+# torchao-serialized checkpoints (accel loads safetensors).
+for _name in ("transformers.utils.import_utils", "torchao", "diffusers.quantizers.torchao.torchao_quantizer",
+              "torch.utils._pytree"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 __all__ = ["compose", "load_pipeline", "apply", "Run", "AccelError", "ConfigError"]

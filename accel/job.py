@@ -154,6 +154,9 @@ def run_job(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None) -> d
         run.remove()
         report["timings"]["first_call_s"] = first_call
         report["timings"]["accelerated"] = reports.timing_summary(times["accelerated"], cfg.batch_size, steps)
+        # what the first call cost beyond a steady one: compilation, autotuning, allocator warm-up
+        steady = report["timings"]["accelerated"]["per_image_s"] * cfg.batch_size
+        report["timings"]["first_call_extra_s"] = round(first_call - steady, 5)
 
         stage = "save"
         report["outputs"] = save_outputs(output, run_dir, "image")

@@ -99,10 +99,15 @@ def summary_table(report: dict) -> str:
         ("strategies", ", ".join(f"{s}={v['strategy']}" for s, v in report["stats"].items()) or "none"),
         ("load", f"{timings['load_s']:.2f} s"),
         ("apply", f"{timings['apply_s'] * 1000:.1f} ms"),
-        ("first call", f"{timings['first_call_s']:.3f} s"),
+        ("first call", f"{timings['first_call_s']:.3f} s ({timings['first_call_extra_s']:+.3f} s over a steady one: "
+                       "compilation, warm-up)"),
         ("per image", _seconds(timings["accelerated"])),
         ("per step", f"{timings['accelerated']['per_step_s'] * 1000:.2f} ms"),
     ]
+    compiled = report["stats"].get("compile")
+    if compiled and "graphs" in compiled:
+        rows.append(("compile", f"{compiled['scope']} ({compiled['backend']}): {compiled['graphs']} graphs, "
+                                f"{compiled['graph_breaks']} graph breaks, {compiled['recompiles']} recompiles"))
     cache = report["stats"].get("cache")
     if cache and "computed" in cache:
         rows.append(("cache", f"{cache['computed']} computed, {cache['cached']} cached of {cache['calls']} calls"))
