@@ -104,6 +104,11 @@ def summary_table(report: dict) -> str:
         ("per image", _seconds(timings["accelerated"])),
         ("per step", f"{timings['accelerated']['per_step_s'] * 1000:.2f} ms"),
     ]
+    quant = report["stats"].get("quant")
+    if quant and "param_bytes_before" in quant:
+        rows.append(("quant", f"{quant['kind']}: {quant['layers_quantized']} of {quant['linear_layers']} linear layers; "
+                              f"denoiser weights {quant['param_bytes_before'] / 2**20:.1f} -> "
+                              f"{quant['param_bytes_after'] / 2**20:.1f} MiB"))
     compiled = report["stats"].get("compile")
     if compiled and "graphs" in compiled:
         rows.append(("compile", f"{compiled['scope']} ({compiled['backend']}): {compiled['graphs']} graphs, "
