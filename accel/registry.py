@@ -18,7 +18,9 @@ from accel.schema import to_dataclass
 # quant first: it replaces weights and linear layers that every later stage wraps or traces.
 # attention next: it swaps attention processors, which context parallelism then shards.
 # parallel before cache: a cache must take its decisions on the (sharded) tensors it will see.
-# compile last: it traces the module graph as every other stage left it, cache hooks included.
+# compile last: it compiles each block's own computation as quant and attention left it. It goes
+# *below* the cache's layer on each block (accel.models.layered_forward), not around it, so the
+# cache's decisions stay eager between compiled regions whatever the order (tested both ways).
 STAGES = ("quant", "attention", "parallel", "cache", "compile")
 
 
