@@ -1,6 +1,6 @@
 """Every registered strategy. Importing this package registers them all.
 
-Adding a strategy is one module here (registering itself with `accel.registry.register`), one
-line below and one YAML option in `conf/<stage>/`.
+Adding a strategy is one module here (registering itself with `accel.registry.register`), its name
+in the line below and one YAML option in `conf/<stage>/`.
 """
-from accel.strategies import compile, fbcache, mbcache, quant, teacache  # noqa: F401
+from accel.strategies import attention, compile, fbcache, mbcache, quant, teacache  # noqa: F401
