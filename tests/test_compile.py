@@ -4,6 +4,7 @@ remove() restores the eager model exactly. Most tests use dynamo's `eager` backe
 no code generation) to stay fast on 2 CPU cores; inductor runs in the composition test."""
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import accel
 from accel.context import ApplyContext
@@ -127,3 +128,23 @@ def test_full_scope_with_a_cache_is_refused_at_apply_too(pipe):
     with pytest.raises(AccelError, match="scope='full' is not allowed with cache=fbcache"):
         accel.apply(pipe, {"cache": CACHES[0], "compile": {**COMPILE, "scope": "full"}})
     assert all("forward" not in b.__dict__ for b in flux_blocks(pipe))
+
+
+def test_every_stage_together_with_inductor_and_remove_gives_the_baseline_back(pipe, baseline):
+    """cache × compile(blocks, inductor) × quant(int8) × attention, as recipes/flux_fast composes them."""
+    fast = accel.compose("flux_fast", ["model=flux_tiny"])
+    off = OmegaConf.merge(fast, {"cache": {"residual_diff_threshold": 0.0}})
+    uncached = OmegaConf.merge(fast, {"cache": {"strategy": "none"}})
+    uncached = {stage: uncached[stage] for stage in ("quant", "attention", "compile")}
+    with accel.apply(pipe, uncached):
+        reference = generate(pipe)
+    with accel.apply(pipe, off) as run:
+        out = generate(pipe)
+        stats = run.stats()
+    assert stats["compile"]["graph_breaks"] == 0 and stats["quant"]["layers_quantized"] > 0
+    assert stats["cache"]["cached"] == 0
+    torch.testing.assert_close(out, reference, rtol=0, atol=1e-5)  # the cache's layer adds nothing at 0
+    with accel.apply(pipe, OmegaConf.merge(fast, {"cache": {"residual_diff_threshold": 0.3}})) as run:
+        generate(pipe)
+        assert run.stats()["cache"]["cached"] > 0
+    assert torch.equal(generate(pipe), baseline)
