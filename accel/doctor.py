@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from accel import registry
-from accel.errors import ConfigError
+from accel.errors import AccelError, ConfigError
 from accel.models.adapters import ADAPTERS, BlockAdapter
 from accel.models.loading import as_model_config, component_configs, locate, resolve_device
 
@@ -36,20 +36,23 @@ class ModelFacts:
         return None if self.configs is None else self.adapter.block_count(self.configs["denoiser"])
 
 
-def facts(cfg: DictConfig) -> ModelFacts:
+def facts(cfg: DictConfig) -> tuple[ModelFacts, list[str]]:
+    """What is known without loading weights, and the problem of missing weights if they are."""
     from accel.config import strategy_configs
 
     model = as_model_config(cfg.model)
     adapter = ADAPTERS[model.architecture]
-    folder = locate(model)  # missing weights fail here, naming the tiny alternative
+    try:
+        folder, problems = locate(model), []
+    except AccelError as err:  # missing weights: said first, and the checks that need no files still run
+        folder, problems = None, [str(err)]
     configs = component_configs(folder, adapter) if folder is not None else None
-    return ModelFacts(model, adapter, configs, resolve_device(cfg.device), strategy_configs(cfg))
+    return ModelFacts(model, adapter, configs, resolve_device(cfg.device), strategy_configs(cfg)), problems
 
 
 def diagnose(cfg: DictConfig) -> list[str]:
     """Every problem of a validated recipe on its model and this device, one line each."""
-    known = facts(cfg)
-    problems = []
+    known, problems = facts(cfg)
     if known.configs is not None:
         rule = known.adapter.size_rule(known.configs)
         model = known.model
