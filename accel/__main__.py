@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from accel import cli
@@ -13,7 +12,7 @@ def job(cfg: DictConfig, run_dir: Path) -> None:
     from accel.job import run_job
     from accel.report import summary_table
 
-    report = run_job(cfg, run_dir, dict(HydraConfig.get().runtime.choices))
+    report = run_job(cfg, run_dir)
     print(f"accel: run folder {run_dir}")
     print(summary_table(report))
 

@@ -34,6 +34,7 @@ Task = Callable[[DictConfig, Path], None]  # task(cfg, run_dir); raises AccelErr
 COMPOSE_ERRORS = (HydraException, OmegaConfBaseException, yaml.YAMLError)
 
 _failures: list[str] = []  # what failed in this process, one line each
+_checked = False  # a single run's recipe was validated and checked before its folder was claimed
 
 
 def main(task: Task, preflight: Optional[Callable[[DictConfig], None]] = None) -> None:
@@ -75,8 +76,9 @@ def _is_sweep() -> bool:
 
 def _prepare(args, preflight) -> None:
     """Validate a single run and claim its folder; claim a sweep's folder. Rewrites sys.argv."""
-    from accel.config import compose, validate
+    from accel.config import compose_raw, validate
 
+    global _checked
     config_dir = None
     if args.config_path:  # Hydra's replay: make a path relative to here absolute, as users mean it
         config_dir = str(Path(args.config_path).expanduser().resolve())
@@ -90,26 +92,21 @@ def _prepare(args, preflight) -> None:
     if args.multirun:
         # only the folder is settled here; each job is composed and validated when it runs
         plain = [o for o in overrides if o.startswith("hydra.") and "," not in o]
-        cfg = _compose_hydra(config_dir, config_name, plain)
+        cfg = compose_raw(plain, config_dir=config_dir, config_name=config_name)
         _set_folder("hydra.sweep.dir", claim_folder(Path(cfg.hydra.sweep.dir)))
         return
-    cfg = _compose_hydra(config_dir, config_name, overrides)
+    cfg = compose_raw(overrides, config_dir=config_dir, config_name=config_name)
     job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     validate(job)
     if args.cfg:
         return
     if preflight is not None:
         preflight(job)
+    _checked = True
     run_dir = cfg.hydra.run.dir
     if config_name != "accel" and not any(o.startswith("hydra.run.dir=") for o in overrides):
         run_dir = datetime.now().strftime(RUN_DIR)  # another primary config (a replay): still our folders
     _set_folder("hydra.run.dir", claim_folder(Path(run_dir)))
-
-
-def _compose_hydra(config_dir, config_name, overrides) -> DictConfig:
-    from accel.config import compose_raw
-
-    return compose_raw(overrides, config_dir=config_dir, config_name=config_name)
 
 
 def _replace_argument(old: str, new: str) -> None:
@@ -145,9 +142,10 @@ def _run_task(task: Task, cfg: DictConfig, preflight) -> None:
     if label:
         print(f"accel: job {label}")
     try:
-        validate(cfg)
-        if preflight is not None:
-            preflight(cfg)
+        if label or not _checked:  # sweep jobs are composed by Hydra and checked here, one by one
+            validate(cfg)
+            if preflight is not None:
+                preflight(cfg)
     except AccelError as err:
         _discard(run_dir)
         record_failure(err, label)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -96,7 +96,7 @@ def _quiet_loading() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def run_job(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None) -> dict:
+def run_job(cfg: DictConfig, run_dir: Path) -> dict:
     """Load, apply, warm up, generate (interleaved with the baseline under compare=true), save."""
     device = resolve_device(cfg.device)
     report: dict[str, Any] = {

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import statistics
 import tempfile
-import time
 
 import torch
 
@@ -24,8 +23,7 @@ from common import describe, load, parse_args, timed
 
 
 def main() -> None:
-    parser_doc = __doc__
-    args = parse_args(parser_doc, rounds=3)
+    args = parse_args(__doc__, rounds=3)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="accel-bench-inductor-")  # cold start
     cfg, pipe = load(args)
     prompt_embeds, pooled, _ = pipe.encode_prompt("a red fox in fresh snow", prompt_2=None, device=pipe.device)
