@@ -148,3 +148,49 @@ def test_every_stage_together_with_inductor_and_remove_gives_the_baseline_back(p
         generate(pipe)
         assert run.stats()["cache"]["cached"] > 0
     assert torch.equal(generate(pipe), baseline)
+
+
+def _save_lora(folder, rank: int, alpha: int, seed: int) -> str:
+    """A FLUX LoRA of `rank` with random (non-zero) weights, saved as diffusers saves LoRAs (safetensors)."""
+    from diffusers import FluxPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from tests.helpers import tiny_pipeline
+
+    transformer = tiny_pipeline().transformer
+    torch.manual_seed(seed)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=["to_q", "to_k", "to_v"],
+                                       init_lora_weights=False))
+    FluxPipeline.save_lora_weights(str(folder), transformer_lora_layers=get_peft_model_state_dict(transformer),
+                                   safe_serialization=True)
+    return str(folder / "pytorch_lora_weights.safetensors")
+
+
+def test_lora_hotswap_under_compile_swaps_ranks_and_scales_without_a_recompile(tmp_path):
+    """compile.lora_hotswap_rank: the first LoRA loaded after compile adds layers (counted recompiles); a
+    hot-swapped one of another rank and alpha then changes the output as in eager and costs none."""
+    from tests.helpers import tiny_pipeline
+
+    first = _save_lora(tmp_path / "a", rank=4, alpha=4, seed=1)
+    second = _save_lora(tmp_path / "b", rank=8, alpha=16, seed=2)
+    pipe = tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    with accel.apply(pipe, {"compile": {**COMPILE, "lora_hotswap_rank": 8}}) as run:
+        generate(pipe)
+        pipe.load_lora_weights(first, adapter_name="style")
+        with_first = generate(pipe)
+        before = run.stats()["compile"]["recompiles"]
+        pipe.load_lora_weights(second, adapter_name="style", hotswap=True)
+        with_second = generate(pipe)
+        swap_cost = run.stats()["compile"]["recompiles"] - before
+    eager_second = generate(pipe)
+    assert before >= 1  # the first LoRA's new layers: counted
+    assert swap_cost == 0  # the hot swap: none
+    assert not torch.allclose(with_first, with_second, atol=1e-3)  # the swap took effect...
+    torch.testing.assert_close(with_second, eager_second, rtol=0, atol=1e-6)  # ...as in eager
+
+
+def test_lora_hotswap_rank_is_checked():
+    with pytest.raises(ConfigError, match="compile.lora_hotswap_rank=0 is not allowed"):
+        accel.compose(None, ["compile=torch", "compile.lora_hotswap_rank=0"])

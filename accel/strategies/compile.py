@@ -5,6 +5,12 @@ With `scope: blocks` the compiled region is each block's own forward, put *below
 block (accel.models.layered_forward), whatever order the stages were applied in: a cache's decisions
 (a distance read back with .item(), a Python branch) stay in eager code between compiled regions, so
 every block traces with fullgraph=True and no graph breaks. Blocks of one class share their graphs.
+
+`lora_hotswap_rank: R` prepares the denoiser for peft's LoRA hot-swap (diffusers' `enable_lora_hotswap`):
+LoRA weights are padded to rank R and their scalings become tensors, so a LoRA swapped in later with
+`pipe.load_lora_weights(file, adapter_name=<loaded name>, hotswap=True)` changes the compiled blocks'
+inputs, not their code, and costs no recompile. A LoRA already loaded is prepared now; otherwise the first
+one loaded after apply is (that first load adds layers and recompiles once per block class).
 """
 from __future__ import annotations
 
@@ -38,8 +44,11 @@ class CompileConfig:
     dynamic: Optional[bool] = None  # null: torch decides (static first, dynamic after a shape changes)
     options: dict[str, Any] = field(default_factory=dict)  # backend options (inductor's config), not with mode
     disable: bool = False  # keep the recipe, compile nothing
+    lora_hotswap_rank: Optional[int] = None  # the highest LoRA rank to be hot-swapped in without recompiling
 
     def __post_init__(self):
+        require(self.lora_hotswap_rank is None or self.lora_hotswap_rank >= 1, "lora_hotswap_rank",
+                self.lora_hotswap_rank, "null or a rank >= 1 (the highest rank of the LoRAs you will swap in)")
         require(self.scope in SCOPES, "scope", self.scope, f"one of {SCOPES}")
         require(self.mode in MODES, "mode", self.mode, f"one of {[m for m in MODES if m]} or null")
         backends = sorted(torch._dynamo.list_backends(exclude_tags=()))
@@ -81,6 +90,7 @@ class CompiledDenoiser:
             options["mode"] = config.mode
         if config.options:
             options["options"] = dict(config.options)
+        self._unprepare = _prepare_lora_hotswap(ctx.denoiser, config.lora_hotswap_rank) if not config.disable else None
         if config.backend == "inductor":
             # inductor's caches survive the process: a later run of the same blocks skips most compile work
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(resources.cache_dir() / "inductor"))
@@ -103,11 +113,37 @@ class CompiledDenoiser:
                 "graphs": graphs, "graph_breaks": breaks,
                 # a class's first graph is its compile; every further one is a recompile (new shape,
                 # new stride, a LoRA that changed the module)
-                "recompiles": max(0, graphs - self.region_classes)}
+                "recompiles": max(0, graphs - self.region_classes),
+                "lora_hotswap_rank": self.config.lora_hotswap_rank}
 
     def remove(self) -> None:
         while self._undo:
             self._undo.pop()()
+        if self._unprepare is not None:
+            self._unprepare()
+            self._unprepare = None
+
+
+def _prepare_lora_hotswap(denoiser: torch.nn.Module, rank: Optional[int]):
+    """Make LoRA swaps on `denoiser` recompile-free up to `rank`; returns what undoes a pending preparation.
+    A LoRA already loaded is padded now (peft's prepare_model_for_compiled_hotswap; padding with zeros does
+    not change its output); otherwise diffusers pads the first LoRA loaded, and remove() cancels that if
+    none came."""
+    if rank is None:
+        return None
+    require(hasattr(denoiser, "enable_lora_hotswap"), "lora_hotswap_rank", rank,
+            f"null for {type(denoiser).__name__}: it does not load LoRAs through diffusers' peft integration")
+    if getattr(denoiser, "peft_config", None):
+        from peft.utils.hotswap import prepare_model_for_compiled_hotswap
+
+        prepare_model_for_compiled_hotswap(denoiser, target_rank=rank, config=denoiser.peft_config)
+        return None
+    denoiser.enable_lora_hotswap(target_rank=rank)
+
+    def unprepare():
+        denoiser._prepare_lora_hotswap_kwargs = None
+
+    return unprepare
 
 
 @register("torch", stage="compile", config_cls=CompileConfig, check=check_compile)
