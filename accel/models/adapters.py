@@ -65,6 +65,19 @@ class BoundBlock:
         return self.arg(self.io.hidden_arg, args, kwargs), encoder
 
 
+@dataclass(frozen=True)
+class SequencePlan:
+    """What sequence parallelism needs to know of an architecture's blocks (accel.parallel.sequence)."""
+
+    # how a block's attention lines up the streams: "encoder_first" / "hidden_first" (joint attention
+    # over text and image tokens), or None (self-attention over image tokens, cross-attention to text)
+    joint: Optional[str]
+    rotary_args: tuple[str, ...] = ()  # the block arguments carrying rotary embeddings (names differ by block class)
+    rotary_covers: str = "hidden"  # "hidden": image tokens only; "joint": text then image tokens
+    rotary_dim: int = 0  # the token dimension of the rotary tensors
+    mask_arg: Optional[str] = None  # a key mask over (image, text) tokens the blocks take (HunyuanVideo)
+
+
 # TeaCache's indicator: the block-0-modulated input (1 + scale) * LN(x) + shift, from the block's
 # inputs before it runs.
 ModulatedInput = Callable[[nn.Module, BoundBlock, tuple, dict], torch.Tensor]
@@ -93,6 +106,9 @@ class BlockAdapter:
     # pipeline generates exactly, from its components' configs ({"vae": {...}, "denoiser": {...}})
     size_rule: Callable[[dict[str, dict]], "SizeRule"] = lambda configs: SizeRule(8)
     video: bool = False
+    # how sequence parallelism splits the blocks' tokens; None: the architecture is not sequence-parallel
+    sequence: Optional[SequencePlan] = None
+    batched_cfg: bool = False  # CFG runs both branches in one call, batched (else one call per branch)
 
     def denoiser(self, pipe) -> nn.Module:
         """The real denoiser module (unwrapped from torch.compile), which hooks must go on."""
@@ -206,6 +222,7 @@ ADAPTERS: dict[str, BlockAdapter] = {
         teacache_coefficients=lambda config: (498.651651, -283.781631, 55.8554382, -3.82021401, 0.264230861),
         block_count=lambda config: config["num_layers"] + config["num_single_layers"],
         size_rule=_flux_size,
+        sequence=SequencePlan(joint="encoder_first", rotary_args=("image_rotary_emb",), rotary_covers="joint"),
     ),
     "sd3": BlockAdapter(
         architecture="sd3",
@@ -216,6 +233,8 @@ ADAPTERS: dict[str, BlockAdapter] = {
         block_io={"JointTransformerBlock": ENCODER_FIRST},
         modulated_input=_norm1_modulated_input,
         size_rule=_sd3_size,
+        sequence=SequencePlan(joint="hidden_first"),
+        batched_cfg=True,
     ),
     "hunyuan_video": BlockAdapter(
         architecture="hunyuan_video",
@@ -229,6 +248,8 @@ ADAPTERS: dict[str, BlockAdapter] = {
         block_count=lambda config: config["num_layers"] + config["num_single_layers"],
         size_rule=_hunyuan_size,
         video=True,
+        sequence=SequencePlan(joint="hidden_first", rotary_args=("freqs_cis", "image_rotary_emb"),
+                              mask_arg="attention_mask"),
     ),
     "sdxl": BlockAdapter(
         architecture="sdxl",
@@ -240,6 +261,7 @@ ADAPTERS: dict[str, BlockAdapter] = {
                   "UpBlock2D": HIDDEN_ONLY, "CrossAttnUpBlock2D": HIDDEN_ONLY},
         residual_base="span_input",
         block_count=lambda config: len(config["down_block_types"]) + 1 + len(config["up_block_types"]),
+        batched_cfg=True,  # no sequence plan: a UNet's convolutions need their neighbours; CFG parallel only
     ),
     "wan": BlockAdapter(
         architecture="wan",
@@ -252,6 +274,7 @@ ADAPTERS: dict[str, BlockAdapter] = {
         teacache_coefficients=_wan_coefficients,
         size_rule=_wan_size,
         video=True,
+        sequence=SequencePlan(joint=None, rotary_args=("rotary_emb",), rotary_dim=1),
     ),
 }
 

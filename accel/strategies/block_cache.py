@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 
@@ -79,6 +79,8 @@ class CallState:
     last_diff: Optional[float] = None
     probed: dict[int, tuple] = field(default_factory=dict)  # probe -> (hidden, encoder) there
     indicators: dict[int, torch.Tensor] = field(default_factory=dict)
+    # the distance deciders measure with: over the whole sequence where ranks share it (parallel stage)
+    relative_l1: Callable[[torch.Tensor, torch.Tensor], float] = relative_l1
 
 
 @dataclass
@@ -116,8 +118,12 @@ class Decider(Protocol):
 class BlockCache:
     """Installs the hooks of one cache on one pipeline; `remove()` takes every one of them off."""
 
-    def __init__(self, pipe, adapter: BlockAdapter, controls: CacheControls, decider: Decider, last_blocks: int = 0):
+    def __init__(self, pipe, adapter: BlockAdapter, controls: CacheControls, decider: Decider, last_blocks: int = 0,
+                 parallel: Any = None):
         self.pipe = pipe
+        # under the parallel stage: distances over every rank's tokens, and the CFG branch a rank runs
+        self.distance = getattr(parallel, "relative_l1", None) or relative_l1
+        self.branch_of_call = getattr(parallel, "cfg_branch", None)
         self.controls = controls
         self.decider = decider
         self.denoiser = adapter.denoiser(pipe)
@@ -177,8 +183,9 @@ class BlockCache:
         if gen.total_steps <= 0:
             timesteps = getattr(self.pipe.scheduler, "timesteps", None)
             gen.total_steps = len(timesteps) if timesteps is not None else 0
-        branch = gen.branches.setdefault(gen.call_in_step, BranchState())
-        self.call = CallState(branch, gen.step, max(gen.total_steps, gen.step + 1))
+        hint = self.branch_of_call() if self.branch_of_call is not None else None
+        branch = gen.branches.setdefault(gen.call_in_step if hint is None else hint, BranchState())
+        self.call = CallState(branch, gen.step, max(gen.total_steps, gen.step + 1), relative_l1=self.distance)
 
     def _end_call(self, module, args, output) -> None:
         call, self.call = self.call, None

@@ -12,7 +12,7 @@ import torch
 from accel.errors import require
 from accel.context import ApplyContext
 from accel.registry import register
-from accel.strategies.block_cache import BlockCache, CallState, relative_l1
+from accel.strategies.block_cache import BlockCache, CallState
 from accel.strategies.cache_controls import CacheControls
 
 
@@ -34,7 +34,7 @@ class ResidualDiffDecider:
         reference = call.branch.decider.get(probe)
         if reference is None or reference.shape != indicator.shape:
             return None
-        return relative_l1(indicator, reference)
+        return call.relative_l1(indicator, reference)
 
     def passes(self, probe: int, distance: float, call: CallState) -> bool:
         return distance < self.thresholds[probe]
@@ -74,4 +74,4 @@ def apply_fbcache(ctx: ApplyContext, config: FBCacheConfig) -> BlockCache:
     """First Block Cache: probe block 0's residual, skip all later blocks on a hit."""
     adapter = ctx.adapter
     decider = ResidualDiffDecider({0: config.residual_diff_threshold}, residual=adapter.residual_base == "probe")
-    return BlockCache(ctx.pipe, adapter, config, decider)
+    return BlockCache(ctx.pipe, adapter, config, decider, parallel=ctx.handle("parallel"))

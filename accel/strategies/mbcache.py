@@ -58,4 +58,5 @@ def apply_mbcache(ctx: ApplyContext, config: MBCacheConfig) -> BlockCache:
     probes = range(config.first_blocks) if config.probe == "per_block" else [config.first_blocks - 1]
     decider = ResidualDiffDecider({p: config.residual_diff_threshold for p in probes},
                                   residual=adapter.residual_base == "probe")
-    return BlockCache(ctx.pipe, adapter, config, decider, last_blocks=config.last_blocks)
+    return BlockCache(ctx.pipe, adapter, config, decider, last_blocks=config.last_blocks,
+                      parallel=ctx.handle("parallel"))

@@ -16,7 +16,7 @@ from accel.errors import AccelError, require
 from accel.models.adapters import BlockAdapter
 from accel.context import ApplyContext
 from accel.registry import register
-from accel.strategies.block_cache import SPAN_INPUT, BlockCache, CallState, relative_l1
+from accel.strategies.block_cache import SPAN_INPUT, BlockCache, CallState
 from accel.strategies.cache_controls import CacheControls
 
 
@@ -36,7 +36,7 @@ class ModulatedInputDecider:
         previous = call.branch.decider.get("previous")
         if previous is None or previous.shape != indicator.shape:
             return None
-        return relative_l1(indicator, previous)
+        return call.relative_l1(indicator, previous)
 
     def passes(self, probe: int, distance: float, call: CallState) -> bool:
         accumulated = call.branch.decider.get("accumulated", 0.0) + abs(float(self.rescale(distance)))
@@ -104,4 +104,4 @@ def apply_teacache(ctx: ApplyContext, config: TeaCacheConfig) -> BlockCache:
                       f"{adapter.architecture} model: its probe changes differently, so the threshold will not mean "
                       f"the same; calibrate on this model with `python -m accel.calibrate`", stacklevel=2)
     decider = ModulatedInputDecider(adapter, config.rel_l1_threshold, coefficients)
-    return BlockCache(ctx.pipe, adapter, config, decider)
+    return BlockCache(ctx.pipe, adapter, config, decider, parallel=ctx.handle("parallel"))
