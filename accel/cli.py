@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Optional
@@ -93,7 +94,7 @@ def _prepare(args, preflight) -> None:
         # only the folder is settled here; each job is composed and validated when it runs
         plain = [o for o in overrides if o.startswith("hydra.") and "," not in o]
         cfg = compose_raw(plain, config_dir=config_dir, config_name=config_name)
-        _set_folder("hydra.sweep.dir", claim_folder(Path(cfg.hydra.sweep.dir)))
+        _set_folder("hydra.sweep.dir", _folder_of_this_rank(Path(cfg.hydra.sweep.dir)))
         return
     cfg = compose_raw(overrides, config_dir=config_dir, config_name=config_name)
     job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
@@ -106,7 +107,7 @@ def _prepare(args, preflight) -> None:
     run_dir = cfg.hydra.run.dir
     if config_name != "accel" and not any(o.startswith("hydra.run.dir=") for o in overrides):
         run_dir = datetime.now().strftime(RUN_DIR)  # another primary config (a replay): still our folders
-    _set_folder("hydra.run.dir", claim_folder(Path(run_dir)))
+    _set_folder("hydra.run.dir", _folder_of_this_rank(Path(run_dir)))
 
 
 def _replace_argument(old: str, new: str) -> None:
@@ -117,6 +118,17 @@ def _replace_argument(old: str, new: str) -> None:
 def _set_folder(key: str, folder: Path) -> None:
     quoted = "'" + str(folder).replace("\\", "\\\\").replace("'", "\\'") + "'"
     sys.argv = [a for a in sys.argv if not a.startswith(f"{key}=")] + [f"{key}={quoted}"]
+
+
+def _folder_of_this_rank(path: Path) -> Path:
+    """Rank 0 (or a single process) claims the run folder; other ranks of a torchrun job work in a
+    scratch folder that the job removes, so only rank 0 writes next to the user's outputs."""
+    from accel.parallel.mesh import launched_rank
+
+    if launched_rank() == 0:
+        return claim_folder(path)
+    sys.argv.append("hydra.output_subdir=null")
+    return Path(tempfile.mkdtemp(prefix=f"accel-rank{launched_rank()}-"))
 
 
 def claim_folder(path: Path) -> Path:

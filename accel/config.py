@@ -28,11 +28,12 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 @dataclass
 class ModelConfig:
-    """Which pipeline to load: real weights by id or path, or a tiny one fabricated offline."""
+    """Which pipeline to load: real weights by id or path, a tiny one fabricated offline, or one trained
+    for this package and shipped in it."""
 
     architecture: str = MISSING  # a registered architecture adapter: flux, sd3, ...
-    source: str = "pretrained"  # pretrained | tiny
-    pretrained: Optional[str] = None  # hub id or local folder, for source=pretrained
+    source: str = "pretrained"  # pretrained | tiny | packaged
+    pretrained: Optional[str] = None  # hub id or local folder; for source=packaged, a pipeline shipped in accel/toy/
     revision: Optional[str] = None
     variant: Optional[str] = None
     tiny: dict[str, Any] = field(default_factory=dict)  # denoiser config overrides, for source=tiny
@@ -49,9 +50,15 @@ class ModelConfig:
         from accel.models.adapters import ADAPTERS
 
         require(self.architecture in ADAPTERS, "architecture", self.architecture, f"one of {sorted(ADAPTERS)}")
-        require(self.source in ("pretrained", "tiny"), "source", self.source, "pretrained or tiny")
+        require(self.source in ("pretrained", "tiny", "packaged"), "source", self.source,
+                "pretrained, tiny or packaged")
         require(self.source != "pretrained" or bool(self.pretrained), "pretrained", self.pretrained,
                 "a hub id or local folder when source=pretrained")
+        if self.source == "packaged":
+            from accel.models.loading import packaged_pipelines
+
+            require(self.pretrained in packaged_pipelines(), "pretrained", self.pretrained,
+                    f"with source=packaged, one of the pipelines shipped in the package: {packaged_pipelines()}")
         require(self.dtype in DTYPES, "dtype", self.dtype, f"one of {DTYPES}")
         for name in ("height", "width", "steps"):
             require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
@@ -97,12 +104,17 @@ AccelConfig = make_dataclass(
     bases=(JobConfig,))
 
 
+# A stage's option when a recipe names none. `parallel=mesh` at 1 × 1 × 1 applies nothing, and lets
+# `parallel.ulysses=2` on the command line turn it on without naming the option.
+DEFAULT_OPTIONS = {"parallel": "mesh"}
+
+
 def _primary_config() -> dict:
-    """The primary config every run starts from: the schema, a model, `none` for every stage, then
+    """The primary config every run starts from: the schema, a model, a default for every stage, then
     the optional recipe (which picks options and sets fields), then the command line."""
     return {
         "defaults": ["accel_schema", "_self_", {"model": "flux_tiny"},
-                     *({stage: "none"} for stage in registry.STAGES), {"recipe": None},
+                     *({stage: DEFAULT_OPTIONS.get(stage, "none")} for stage in registry.STAGES), {"recipe": None},
                      {"override hydra/job_logging": "stdout"},
                      {"override hydra/sweeper": "accel"}, {"override hydra/launcher": "accel"}],
         "hydra": {

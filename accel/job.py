@@ -106,7 +106,11 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
         "stats": {},
         "outputs": [],
     }
-    write_replay_recipe(cfg, run_dir / "recipe.yaml")
+    from accel.parallel import mesh as meshes
+
+    writes = meshes.launched_rank() == 0  # with several processes, only rank 0 writes images and the report
+    if writes:
+        write_replay_recipe(cfg, run_dir / "recipe.yaml")
     repeats = cfg.repeats or (3 if cfg.compare else 1)
     stage = "load"
     try:
@@ -158,21 +162,43 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
         steady = report["timings"]["accelerated"]["per_image_s"] * cfg.batch_size
         report["timings"]["first_call_extra_s"] = round(first_call - steady, 5)
 
+        if meshes.launched_world_size() > 1:
+            stage = "gather"
+            report["ranks"] = _per_rank_timings(times["accelerated"], cfg.batch_size, steps)
+
         stage = "save"
-        report["outputs"] = save_outputs(output, run_dir, "image")
+        if writes:
+            report["outputs"] = save_outputs(output, run_dir, "image")
         if cfg.compare:
             report["baseline"] = reports.comparison(times["baseline"], times["accelerated"], cfg.batch_size, steps,
                                                     output, reference)
-            report["outputs"] += save_outputs(reference, run_dir, "baseline")
+            if writes:
+                report["outputs"] += save_outputs(reference, run_dir, "baseline")
     except Exception as err:
         report["failed_at"] = stage
         report["error"] = str(err).splitlines()[0] if str(err) else type(err).__name__
-        reports.write_json(run_dir / "report.json", report)
+        where = f" on rank {meshes.launched_rank()}" if meshes.launched_world_size() > 1 else ""
+        if writes:
+            reports.write_json(run_dir / "report.json", report)
         if isinstance(err, AccelError):
-            raise StageFailed(f"stopped during {stage}: {err}\n(report so far: {run_dir / 'report.json'})") from None
+            raise StageFailed(f"stopped during {stage}{where}: {err}\n(report so far: {run_dir / 'report.json'})") from None
+        if where and isinstance(err, (RuntimeError, torch.distributed.DistError)):
+            # a collective that failed or timed out: another rank died or stalled
+            raise StageFailed(f"stopped during {stage}{where}: a collective across the ranks failed ({report['error']}); "
+                              "another rank stopped or stalled longer than parallel.timeout_s") from None
         raise
-    reports.write_json(run_dir / "report.json", report)
+    finally:
+        meshes.shutdown()
+    if writes:
+        reports.write_json(run_dir / "report.json", report)
     return report
+
+
+def _per_rank_timings(seconds: list[float], images: int, steps: int) -> list[dict]:
+    """Every rank's timings, gathered to every rank (rank 0 reports them)."""
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, seconds)
+    return [{"rank": rank, **reports.timing_summary(times, images, steps)} for rank, times in enumerate(gathered)]
 
 
 def write_replay_recipe(cfg: DictConfig, path: Path) -> None:

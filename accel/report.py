@@ -113,6 +113,12 @@ def summary_table(report: dict) -> str:
     if compiled and "graphs" in compiled:
         rows.append(("compile", f"{compiled['scope']} ({compiled['backend']}): {compiled['graphs']} graphs, "
                                 f"{compiled['graph_breaks']} graph breaks, {compiled['recompiles']} recompiles"))
+    parallel = report["stats"].get("parallel")
+    if parallel and parallel.get("world_size", 1) > 1:
+        degrees = " × ".join(f"{name} {size}" for name, size in parallel["degrees"].items() if size > 1)
+        per_rank = ", ".join(f"rank {r['rank']} {r['per_image_s']:.4f} s" for r in report.get("ranks", []))
+        rows.append(("parallel", f"{degrees} over {parallel['world_size']} ranks ({parallel['backend']}); "
+                                 f"per image: {per_rank}"))
     cache = report["stats"].get("cache")
     if cache and "computed" in cache:
         rows.append(("cache", f"{cache['computed']} computed, {cache['cached']} cached of {cache['calls']} calls"))

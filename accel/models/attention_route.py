@@ -1,18 +1,17 @@
 """Routing the denoiser's attention calls through accel's layers (context parallelism, our kernels).
 
 Every attention processor of the architectures accel supports ends in torch's
-`F.scaled_dot_product_attention`, called directly (SD3, SDXL) or through diffusers'
-`dispatch_attention_fn` (FLUX, Wan, HunyuanVideo), both looked up in the processor module's globals.
-While any processor is routed, those two names in its module point at routed versions, which pass
-the call through the layers of the processor running now (set by its routed `__call__`) and behave
-exactly as the originals for every other caller (text encoders, models not routed). `remove()` puts
-each processor's own class back, and the module's names once no routed processor is left.
+`torch.nn.functional.scaled_dot_product_attention`, called directly (SD3, SDXL) or by diffusers'
+dispatcher's `native` backend (FLUX, Wan, HunyuanVideo), and both look it up on the module at call
+time. While any processor is routed, that name points at `routed_sdpa`, which runs the layers of the
+routed processor running now (its routed `__call__` makes them the active ones) and is torch's own
+SDPA for every other caller (text encoders, other models). `remove()` puts each processor's own class
+back, and torch's function once no routed processor is left.
 
 Why not a TorchFunctionMode: entered outside a compiled region, torch 2.13's dynamo does not honour
 it (the compiled code silently runs plain SDPA); entered inside, dynamo cannot trace the Tensor
-methods the processors use (`unflatten`). Why not a copy of `__call__` with its own globals: dynamo
-guards an inlined function's globals as if they were its module's. Module globals are ordinary code
-to dynamo, so routed attention compiles with the blocks, without graph breaks.
+methods the processors use (`unflatten`). A module attribute and a module global are ordinary code to
+dynamo, so routed attention compiles with the blocks, without graph breaks.
 
 Layers run in stage order, whatever order they were added in: a layer of a later stage (parallel)
 runs first and calls the next one (an attention kernel), which calls torch's SDPA last.
@@ -20,8 +19,6 @@ runs first and calls the next one (an attention kernel), which calls torch's SDP
 from __future__ import annotations
 
 import functools
-import sys
-import types
 from typing import Any, Callable, Optional
 
 import torch
@@ -34,7 +31,6 @@ _LAYERS = "_accel_attention_layers"
 _TORCH_SDPA = F.scaled_dot_product_attention
 
 _active: Optional[list] = None  # the layers of the routed processor running now
-_patched: dict[tuple[str, str], Any] = {}  # (module, name) -> the original the routed version replaced
 _routed_processors = 0
 
 
@@ -45,57 +41,15 @@ def _through_layers(layers: list[tuple[int, Layer]], query, key, value, **kwargs
     return call(query, key, value, **kwargs)
 
 
+@functools.wraps(_TORCH_SDPA)
 def routed_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """torch's SDPA, through the running processor's layers when one is routed."""
+    """torch's SDPA, through the running processor's layers when a routed one is running."""
     layers = _active
     if not layers:
         return _TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                            scale=scale, enable_gqa=enable_gqa)
     return _through_layers(layers, query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                            is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-
-
-def _routed_dispatch(original):
-    @functools.wraps(original)
-    def dispatch(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
-                 attention_kwargs=None, *, backend=None, parallel_config=None):
-        layers = _active
-        if not layers:
-            return original(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, attention_kwargs,
-                            backend=backend, parallel_config=parallel_config)
-        # diffusers' layout is (batch, tokens, heads, head dim)
-        query, key, value = (x.transpose(1, 2) for x in (query, key, value))
-        out = _through_layers(layers, query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-        return out.transpose(1, 2)
-
-    return dispatch
-
-
-_routed_functional = types.ModuleType("accel_routed_functional", "torch.nn.functional with SDPA routed")
-_routed_functional.__dict__.update({k: v for k, v in F.__dict__.items() if not k.startswith("__")})
-_routed_functional.scaled_dot_product_attention = routed_sdpa
-
-
-def _patch_module_of(cls: type) -> None:
-    """Point the names a processor class's module calls attention by at their routed versions."""
-    module = sys.modules[cls.__module__]
-    for name, value in list(vars(module).items()):
-        key = (module.__name__, name)
-        if key in _patched:
-            continue
-        if value is F:
-            _patched[key] = value
-            setattr(module, name, _routed_functional)
-        elif getattr(value, "__name__", None) == "dispatch_attention_fn" and callable(value):
-            _patched[key] = value
-            setattr(module, name, _routed_dispatch(value))
-
-
-def _unpatch_modules() -> None:
-    for (module, name), original in _patched.items():
-        setattr(sys.modules[module], name, original)
-    _patched.clear()
 
 
 @functools.lru_cache(maxsize=None)
@@ -126,14 +80,6 @@ def attention_processors(module: torch.nn.Module) -> list[Any]:
     return list(found.values())
 
 
-def routes_sdpa(processor: Any) -> bool:
-    """Whether a processor's attention can be routed: its module calls torch's SDPA or diffusers' dispatcher."""
-    cls = getattr(type(processor), "_accel_routed_from", type(processor))
-    names = vars(sys.modules[cls.__module__]).values()
-    return any(v is F or v is _routed_functional or getattr(v, "__name__", None) == "dispatch_attention_fn"
-               for v in names)
-
-
 def add_layer(module: torch.nn.Module, priority: int, layer: Layer) -> Callable[[], None]:
     """Put `layer` on every attention processor within `module` (higher `priority` runs first); returns
     what takes it off again, restoring each processor's own class once its last layer is gone."""
@@ -143,7 +89,7 @@ def add_layer(module: torch.nn.Module, priority: int, layer: Layer) -> Callable[
     for processor in processors:
         if _LAYERS not in processor.__dict__:
             cls = type(processor)
-            _patch_module_of(cls)
+            F.scaled_dot_product_attention = routed_sdpa
             processor.__dict__[_LAYERS] = []
             processor.__class__ = _routed_class(cls)
             _routed_processors += 1
@@ -162,6 +108,6 @@ def add_layer(module: torch.nn.Module, priority: int, layer: Layer) -> Callable[
                 processor.__class__ = type(processor)._accel_routed_from
                 _routed_processors -= 1
         if _routed_processors == 0:
-            _unpatch_modules()
+            F.scaled_dot_product_attention = _TORCH_SDPA
 
     return remove

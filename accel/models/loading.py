@@ -19,10 +19,13 @@ from accel.models.adapters import ADAPTERS
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    """The device a run uses; under torchrun, `cuda` (or auto) is the GPU of the process's LOCAL_RANK."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise AccelError(f"device={device!r} but torch sees no CUDA device; use device=cpu or device=auto")
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device(device)
 
 
@@ -72,6 +75,14 @@ def fabricate_tiny(model) -> Path:
     return target
 
 
+PACKAGED = Path(__file__).resolve().parent.parent / "toy"  # pipelines trained for this package and shipped in it
+
+
+def packaged_pipelines() -> list[str]:
+    """The names of the pipelines shipped inside the package (model.source=packaged)."""
+    return sorted(index.parent.name for index in PACKAGED.glob("*/model_index.json"))
+
+
 def locate(model) -> Optional[Path]:
     """The local folder holding a model's pipeline (a tiny one is fabricated there first); None when
     the weights are not here but the hub is reachable (from_pretrained then downloads them);
@@ -79,6 +90,8 @@ def locate(model) -> Optional[Path]:
     model = as_model_config(model)
     if model.source == "tiny":
         return fabricate_tiny(model)
+    if model.source == "packaged":
+        return PACKAGED / model.pretrained
     if Path(model.pretrained).expanduser().is_dir():
         return Path(model.pretrained).expanduser()
     from huggingface_hub import snapshot_download
@@ -113,7 +126,7 @@ def load_pipeline(model, device: str = "auto"):
     pipeline_type = adapter.pipeline_type()
     folder = locate(model)
     location = str(folder) if folder is not None else model.pretrained
-    options = {} if model.source == "tiny" else {"revision": model.revision, "variant": model.variant}
+    options = {} if model.source in ("tiny", "packaged") else {"revision": model.revision, "variant": model.variant}
     try:
         pipe = pipeline_type.from_pretrained(location, dtype=dtype, use_safetensors=True, **options)
     except (OSError, EnvironmentError) as err:

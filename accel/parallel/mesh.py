@@ -34,13 +34,6 @@ def launched_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def local_device(device: torch.device) -> torch.device:
-    """This process's device: under torchrun each rank takes the GPU of its LOCAL_RANK."""
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return device
-
-
 def backend_for(backend: str, device: torch.device) -> str:
     if backend != "auto":
         return backend
@@ -53,7 +46,6 @@ class Mesh:
 
     device_mesh: "torch.distributed.device_mesh.DeviceMesh"
     degrees: dict[str, int]
-    owns_process_group: bool  # accel started the process group, so accel ends it
 
     def dimension(self, name: str) -> Optional[tuple[dist.ProcessGroup, int, int]]:
         """(group, size, this rank's index) of a dimension of size > 1, else None."""
@@ -76,9 +68,6 @@ class Mesh:
     def rank(self) -> int:
         return dist.get_rank()
 
-    def close(self) -> None:
-        if self.owns_process_group and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def build_mesh(degrees: dict[str, int], backend: str, timeout_s: float, device: torch.device) -> Mesh:
@@ -91,7 +80,6 @@ def build_mesh(degrees: dict[str, int], backend: str, timeout_s: float, device: 
     launched = launched_world_size()
     if launched != world:
         raise AccelError(_world_mismatch(degrees, world, launched))
-    owns = False
     if not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:
             raise AccelError(f"parallel: {world} processes are needed and no process group is set up: start them "
@@ -99,9 +87,21 @@ def build_mesh(degrees: dict[str, int], backend: str, timeout_s: float, device: 
                              "torch.distributed.init_process_group before accel.apply)")
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend_for(backend, device), timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
-        owns = True
+        global _owned_group
+        _owned_group = True
     mesh = init_device_mesh(device.type, tuple(degrees[d] for d in DIMENSIONS), mesh_dim_names=DIMENSIONS)
-    return Mesh(mesh, dict(degrees), owns)
+    return Mesh(mesh, dict(degrees))
+
+
+_owned_group = False  # accel started the process group (under torchrun), so accel ends it
+
+
+def shutdown() -> None:
+    """End the process group accel started, if it did (the end of a job); a user's own group stays."""
+    global _owned_group
+    if _owned_group and dist.is_initialized():
+        dist.destroy_process_group()
+    _owned_group = False
 
 
 def _world_mismatch(degrees: dict[str, int], world: int, launched: int) -> str:
