@@ -18,11 +18,14 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
+from accel.parallel import traffic
+
 
 def heads_to_tokens(x: torch.Tensor, group: dist.ProcessGroup, size: int) -> torch.Tensor:
     """(B, H, L, D) with this rank's L tokens → (B, H/size, size·L, D) with this rank's heads."""
     b, h, l, d = x.shape
     x = x.reshape(b, size, h // size, l, d).permute(1, 0, 2, 3, 4).contiguous()
+    traffic.add("ulysses", x, (size - 1) / size)  # all but its own chunk
     x = funcol.wait_tensor(funcol.all_to_all_single(x, None, None, group))  # chunk i to rank i, j from j
     return x.reshape(size, b, h // size, l, d).permute(1, 2, 0, 3, 4).reshape(b, h // size, size * l, d)
 
@@ -32,6 +35,7 @@ def tokens_to_heads(x: torch.Tensor, group: dist.ProcessGroup, size: int) -> tor
     b, h_local, n, d = x.shape
     l = n // size
     x = x.reshape(b, h_local, size, l, d).permute(2, 0, 1, 3, 4).contiguous()
+    traffic.add("ulysses", x, (size - 1) / size)
     x = funcol.wait_tensor(funcol.all_to_all_single(x, None, None, group))
     return x.reshape(size, b, h_local, l, d).permute(1, 0, 2, 3, 4).reshape(b, size * h_local, l, d)
 
@@ -80,6 +84,7 @@ def ring_attention(q, k, v, key_mask: Optional[torch.Tensor], group: dist.Proces
             lse = merged
         if hop + 1 < size:
             kv = torch.stack([k, v])  # permute_tensor sends whole flat tensors
+            traffic.add("ring", kv)
             kv = funcol.wait_tensor(funcol.permute_tensor(kv.flatten(), to_next, group)).view(kv.shape)
             k, v = kv[0], kv[1]
     return out.to(q.dtype)

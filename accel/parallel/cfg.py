@@ -22,6 +22,7 @@ import torch.distributed._functional_collectives as funcol
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from accel.errors import AccelError
+from accel.parallel import traffic
 from accel.pipeline_calls import add_call_hook
 
 
@@ -86,8 +87,13 @@ class CFGParallel:
             return x
 
         args, kwargs = tree_unflatten([mine(x) for x in leaves], spec)
-        return tree_map(lambda x: funcol.wait_tensor(funcol.all_gather_single(x.contiguous(), 0, self.group))
-                        if torch.is_tensor(x) else x, call(*args, **kwargs))
+        return tree_map(self._gather_batch, call(*args, **kwargs))
+
+    def _gather_batch(self, x):
+        if not torch.is_tensor(x):
+            return x
+        traffic.add("cfg", x, self.size - 1)
+        return funcol.wait_tensor(funcol.all_gather_single(x.contiguous(), 0, self.group))
 
     # -- separate calls ---------------------------------------------------------------------------
     def _separate_call(self, call, *args, **kwargs):
@@ -134,6 +140,7 @@ class CFGParallel:
         if self.step.mine is None:
             raise AccelError(f"parallel.cfg={self.size}: rank {self.rank} computed no branch this step")
         for position, mine in enumerate(self.step.mine):
+            traffic.add("cfg", mine, self.size - 1)
             gathered = funcol.wait_tensor(funcol.all_gather_single(mine.contiguous(), 0, self.group)).chunk(self.size)
             for branch in range(self.size):
                 if branch != self.rank:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
 from accel.errors import AccelError
+from accel.parallel import traffic
 from accel.models.adapters import BoundBlock, SequencePlan
 
 
@@ -196,6 +197,7 @@ class SequenceShards:
 
 def gather_tokens(x: torch.Tensor, group: dist.ProcessGroup, size: int) -> torch.Tensor:
     """(B, L, ...) slices of every rank of `group` → (B, size·L, ...), in rank order."""
+    traffic.add("gather", x, size - 1)
     gathered = funcol.wait_tensor(funcol.all_gather_single(x.movedim(1, 0).contiguous(), 0, group))
     return gathered.movedim(0, 1)
 
