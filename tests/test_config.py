@@ -15,7 +15,7 @@ def test_recipe_picks_group_options_and_command_line_overrides_fields():
     assert cfg.cache.strategy == "fbcache"
     assert cfg.cache.residual_diff_threshold == 0.1
     assert cfg.seed == 7
-    assert cfg.compile.strategy == "none" and cfg.parallel.strategy == "none"
+    assert cfg.compile.strategy == "none" and cfg.parallel.strategy == "mesh" and cfg.parallel.ulysses == 1
 
 
 def test_recipe_names_the_real_model_by_default():
