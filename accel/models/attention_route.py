@@ -8,10 +8,12 @@ routed processor running now (its routed `__call__` makes them the active ones) 
 SDPA for every other caller (text encoders, other models). `remove()` puts each processor's own class
 back, and torch's function once no routed processor is left.
 
-Why not a TorchFunctionMode: entered outside a compiled region, torch 2.13's dynamo does not honour
-it (the compiled code silently runs plain SDPA); entered inside, dynamo cannot trace the Tensor
-methods the processors use (`unflatten`). A module attribute and a module global are ordinary code to
-dynamo, so routed attention compiles with the blocks, without graph breaks.
+Why not a TorchFunctionMode: entered inside a compiled region, dynamo cannot trace the Tensor methods
+the processors use (`unflatten`, unless the mode re-dispatches them as methods); entered outside, a
+minimal mode that calls back into torch inside `__torch_function__` compiled to code that skipped it on
+torch 2.13 (wrong outputs, no error). A module attribute and a module global are ordinary code to
+dynamo, so routed attention compiles with the blocks, without graph breaks. (attention=accel_triton
+does use a mode around the denoiser; its tests check the compiled graphs contain its kernel.)
 
 Layers run in stage order, whatever order they were added in: a layer of a later stage (parallel)
 runs first and calls the next one (an attention kernel), which calls torch's SDPA last.
