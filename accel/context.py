@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Optional
 
 import torch
@@ -32,3 +33,27 @@ class ApplyContext:
     def handle(self, stage: str) -> Optional[Any]:
         """The handle of the strategy applied at `stage`, if one is."""
         return next((handle for s, _, handle in self.applied if s == stage), None)
+
+
+@dataclass
+class AppliedFacts:
+    """What a strategy's doctor check reads (accel.doctor.ModelFacts), taken from an applied context, so
+    `apply` can run the same check on the loaded model."""
+
+    ctx: ApplyContext
+
+    @property
+    def adapter(self) -> BlockAdapter:
+        return self.ctx.adapter
+
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.device
+
+    @property
+    def configs(self) -> dict[str, Any]:
+        return {"denoiser": dict(self.ctx.denoiser.config)}
+
+    @property
+    def stages(self) -> dict[str, Any]:
+        return {stage: SimpleNamespace(strategy=name) for stage, name, _ in self.ctx.applied}

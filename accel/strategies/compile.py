@@ -18,14 +18,13 @@ import importlib.util
 import os
 import shutil
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any, Optional
 
 import torch
 from torch._dynamo.utils import counters
 
 from accel import resources
-from accel.context import ApplyContext
+from accel.context import AppliedFacts, ApplyContext
 from accel.errors import AccelError, require
 from accel.models.layered_forward import replace_own
 from accel.registry import register
@@ -149,22 +148,7 @@ def _prepare_lora_hotswap(denoiser: torch.nn.Module, rank: Optional[int]):
 @register("torch", stage="compile", config_cls=CompileConfig, check=check_compile)
 def apply_compile(ctx: ApplyContext, config: CompileConfig) -> CompiledDenoiser:
     """torch.compile of each block's own computation (regional), or of the whole denoiser."""
-    problems = check_compile(_Facts(ctx), config)
+    problems = check_compile(AppliedFacts(ctx), config)
     if problems:
         raise AccelError(f"compile.{problems[0]}")
     return CompiledDenoiser(ctx, config)
-
-
-@dataclass
-class _Facts:
-    """What check_compile reads, from an applied context instead of the doctor's facts."""
-
-    ctx: ApplyContext
-
-    @property
-    def device(self) -> torch.device:
-        return self.ctx.device
-
-    @property
-    def stages(self) -> dict[str, Any]:
-        return {stage: SimpleNamespace(strategy=name) for stage, name, _ in self.ctx.applied}

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from accel.context import ApplyContext
+from accel.context import AppliedFacts, ApplyContext
 from accel.errors import AccelError, require
 from accel.models.attention_route import add_layer
 from accel.parallel import mesh as meshes
@@ -129,7 +129,7 @@ def apply_mesh(ctx: ApplyContext, config: MeshConfig) -> MeshHandle:
     if config.world_size == 1:
         return MeshHandle(config, None)
     adapter, denoiser = ctx.adapter, ctx.denoiser
-    problems = check_mesh(_AppliedFacts(ctx), config)
+    problems = check_mesh(AppliedFacts(ctx), config)
     if problems:
         raise AccelError(f"parallel.{problems[0]}")
     mesh = _mesh(config, ctx.device)
@@ -140,12 +140,7 @@ def apply_mesh(ctx: ApplyContext, config: MeshConfig) -> MeshHandle:
         if sequence is not None:
             from accel.parallel.sequence import SequenceShards, route_layer
 
-            group, size, shard = sequence
-            heads = getattr(denoiser.config, "num_attention_heads", None)
-            if config.ulysses > 1 and heads is not None and heads % config.ulysses:
-                from accel.parallel.sequence import check_heads
-
-                raise AccelError(f"parallel.{check_heads(heads, config.ulysses)}")
+            group, size, shard = sequence  # heads against ulysses: checked by check_mesh above
             blocks = adapter.blocks(denoiser)
             handle.shards = SequenceShards(blocks, adapter.sequence, group, size, shard)
             handle._undo.append(handle.shards.remove)
@@ -181,28 +176,3 @@ def _mesh(config: MeshConfig, device: torch.device) -> meshes.Mesh:
     if key not in _MESHES or not torch.distributed.is_initialized():
         _MESHES[key] = meshes.build_mesh(config.degrees, config.backend, config.timeout_s, device)
     return _MESHES[key]
-
-
-@dataclass
-class _AppliedFacts:
-    """What check_mesh reads, from an applied context instead of the doctor's facts."""
-
-    ctx: ApplyContext
-
-    @property
-    def adapter(self):
-        return self.ctx.adapter
-
-    @property
-    def device(self) -> torch.device:
-        return self.ctx.device
-
-    @property
-    def configs(self):
-        return {"denoiser": dict(self.ctx.denoiser.config)}
-
-    @property
-    def stages(self) -> dict[str, Any]:
-        from types import SimpleNamespace
-
-        return {stage: SimpleNamespace(strategy=name) for stage, name, _ in self.ctx.applied}
