@@ -5,6 +5,10 @@ branch it records x = the relative L1 change of block 0's modulated input (what 
 and y = the relative L1 change of the whole block stack's residual (what a hit reuses), then fits
 y ≈ poly(x) of `order` with numpy.polyfit, as TeaCache's published coefficients were fitted.
 Writes `teacache_calibrated.yaml` (a `cache` group option) into the run folder and prints how to use it.
+
+The prompts should be ones the model is used with: `prompts=auto` (the default) takes the prompt set of
+a packaged model that has one (model=flux_toy: its toy shapes task) and otherwise generic photo prompts;
+`prompts=photo` or `prompts=toy` picks a set by name. `prompts=` is read by this command alone.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from accel import cli
-from accel.errors import AccelError, ConfigError
+from accel.errors import AccelError, ConfigError, require
 from accel.models.adapters import for_pipeline
 from accel.models.loading import load_pipeline
 from accel.strategies.block_cache import TimestepReader, relative_l1
@@ -28,6 +32,31 @@ PROMPTS = (
     "a bowl of ramen on a wooden table, studio light",
     "portrait of an old sailor, deep wrinkles, film grain",
 )
+
+
+def toy_prompts() -> tuple[str, ...]:
+    """Six prompts of the toy shapes task (model=flux_toy), spread over shapes, colours, sizes and places."""
+    from accel.toy.shapes import Scene
+
+    return tuple(Scene(*words).prompt for words in (
+        ("circle", "red", "small", "top", "left"), ("square", "green", "large", "middle", "center"),
+        ("triangle", "blue", "small", "bottom", "right"), ("circle", "yellow", "large", "middle", "right"),
+        ("triangle", "red", "large", "top", "center"), ("square", "blue", "small", "bottom", "left")))
+
+
+PROMPT_SETS = {"photo": lambda: PROMPTS, "toy": toy_prompts}
+PACKAGED_PROMPTS = {"flux_toy": "toy"}  # packaged pipeline -> the prompt set it was trained on
+
+
+def prompt_set(name: str, model) -> tuple[str, tuple[str, ...]]:
+    """The prompt set `name` (auto, or one of PROMPT_SETS) resolves to for `model`: (set name, prompts)."""
+    allowed = ("auto", *PROMPT_SETS)
+    require(name in allowed, "prompts", name,
+            f"one of {', '.join(allowed)} (auto: the packaged model's own prompt set if it has one, else photo)")
+    if name == "auto":
+        packaged = model.get("source") == "packaged"
+        name = PACKAGED_PROMPTS.get(model.get("pretrained"), "photo") if packaged else "photo"
+    return name, PROMPT_SETS[name]()
 
 
 class DiffRecorder:
@@ -109,6 +138,22 @@ def calibrate(pipe, call_kwargs: dict, prompts=PROMPTS, order: int = 4, seed: in
 ORDER = 4  # TeaCache's published coefficients are order-4 polynomials
 
 
+_prompts_choice = "auto"  # the `prompts=` argument, taken off the command line before Hydra sees it
+
+
+def _take_prompts_argument(argv: list[str]) -> str:
+    """Remove `prompts=NAME` from argv and return NAME (auto when absent); a wrong name is a ConfigError."""
+    found = [a for a in argv[1:] if a.startswith("prompts=")]
+    if len(found) > 1:
+        raise ConfigError(f"prompts= is given {len(found)} times ({', '.join(found)}): give it once")
+    if not found:
+        return "auto"
+    argv.remove(found[0])
+    name = found[0].split("=", 1)[1]
+    prompt_set(name, {})  # validates the name
+    return name
+
+
 def _preflight(cfg: DictConfig) -> None:
     from accel import doctor
 
@@ -122,7 +167,9 @@ def _job(cfg: DictConfig, run_dir: Path) -> None:
     pipe = load_pipeline(cfg.model, cfg.device)
     kwargs = generation_kwargs(cfg, pipe)
     kwargs.pop("prompt")
-    coefficients, pairs = calibrate(pipe, kwargs, order=ORDER, seed=cfg.seed)
+    set_name, prompts = prompt_set(_prompts_choice, cfg.model)
+    print(f"accel: calibrating on {len(prompts)} {set_name} prompts, e.g. {prompts[0]!r}")
+    coefficients, pairs = calibrate(pipe, kwargs, prompts=prompts, order=ORDER, seed=cfg.seed)
     option = run_dir / "conf" / "cache" / "teacache_calibrated.yaml"
     option.parent.mkdir(parents=True, exist_ok=True)
     fit = np.poly1d(coefficients)(pairs[:, 0])
@@ -130,7 +177,7 @@ def _job(cfg: DictConfig, run_dir: Path) -> None:
     choices = HydraConfig.get().runtime.choices
     option.write_text(
         f"# TeaCache coefficients fitted by accel.calibrate on {cfg.model.architecture} (model={choices['model']}, "
-        f"{kwargs['num_inference_steps']} steps, {len(PROMPTS)} prompts, {len(pairs)} pairs, fit RMS {residual:.4g}).\n"
+        f"{kwargs['num_inference_steps']} steps, {len(prompts)} {set_name} prompts, {len(pairs)} pairs, fit RMS {residual:.4g}).\n"
         "defaults:\n  - /schema/cache/teacache@_here_\n  - _self_\n"
         f"rel_l1_threshold: 0.4\ncoefficients: [{', '.join(f'{c:.9g}' for c in coefficients)}]\n"
         f"fitted_on: {cfg.model.architecture}\n"
@@ -153,6 +200,13 @@ def _use_command(conf: Path, model: str, steps: int) -> str:
 
 
 def main() -> None:
+    import sys
+
+    def take() -> None:
+        global _prompts_choice
+        _prompts_choice = _take_prompts_argument(sys.argv)
+
+    cli.plain(take)
     cli.main(_job, _preflight)
 
 

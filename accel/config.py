@@ -81,6 +81,7 @@ class JobConfig:
     warmup: int = 1  # untimed generations of each variant first (compilation, allocator warm-up)
     repeats: Optional[int] = None  # timed generations of each variant; null: 3 with compare, else 1
     compare: bool = False  # also time the unaccelerated baseline, interleaved, and report speedup and quality
+    metrics: Optional[list[str]] = None  # quality figures under compare (accel.metrics); null: every one that applies
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
     def __post_init__(self):
@@ -91,6 +92,9 @@ class JobConfig:
         require(self.warmup >= 0, "warmup", self.warmup, ">= 0")
         require(self.repeats is None or self.repeats >= 1, "repeats", self.repeats,
                 ">= 1 or null (3 with compare=true, else 1)")
+        from accel.metrics import check_names
+
+        check_names(self.metrics)
         device = self.device
         require(device in ("auto", "cpu", "cuda") or device.startswith("cuda:"), "device", device,
                 "auto, cpu, cuda or cuda:N")

@@ -49,16 +49,28 @@ def generation_kwargs(cfg: DictConfig, pipe) -> dict[str, Any]:
     return kwargs
 
 
-def _generate(pipe, kwargs: dict, seed: int, device: torch.device) -> tuple[np.ndarray, float]:
+def _generate(pipe, kwargs: dict, seed: int, device: torch.device) -> tuple[np.ndarray, float, Any]:
+    """One generation: its decoded output, its seconds, and its final latents (None where the pipeline
+    offers no step callback)."""
     generator = torch.Generator("cpu").manual_seed(seed)  # CPU noise: the same latents on every device
+    latents = {}
+
+    def keep_latents(pipe, step, timestep, tensors):
+        latents["final"] = tensors["latents"]
+        return tensors
+
+    if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:
+        kwargs = {**kwargs, "callback_on_step_end": keep_latents}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     output = pipe(**kwargs, generator=generator)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
     images = output.frames if hasattr(output, "frames") else output.images
-    return np.asarray(images), time.perf_counter() - start
+    final = latents.get("final")
+    return np.asarray(images), seconds, None if final is None else final.float().cpu().numpy()
 
 
 def save_outputs(output: np.ndarray, run_dir: Path, stem: str) -> list[str]:
@@ -133,7 +145,7 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
 
         first_call = None
         for _ in range(cfg.warmup):
-            _, seconds = generate()
+            _, seconds, _ = generate()
             first_call = first_call or seconds
         if cfg.compare:  # the baseline gets its own warm-up, then the two alternate round by round
             stage = "baseline"
@@ -144,12 +156,12 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
         for _ in range(repeats):
             if cfg.compare:
                 stage = "baseline"
-                reference, seconds = generate()
+                reference, seconds, reference_latents = generate()
                 times["baseline"].append(seconds)
                 stage = "apply"
                 run = apply(pipe, cfg)
             stage = "generate"
-            output, seconds = generate()
+            output, seconds, latents = generate()
             times["accelerated"].append(seconds)
             first_call = first_call or seconds
             report["stats"] = run.stats()
@@ -170,8 +182,11 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
         if writes:
             report["outputs"] = save_outputs(output, run_dir, "image")
         if cfg.compare:
+            stage = "quality"
+            figures = reports.quality(cfg.metrics, output, reference, prompts=cfg.prompt, latents=latents,
+                                      reference_latents=reference_latents)
             report["baseline"] = reports.comparison(times["baseline"], times["accelerated"], cfg.batch_size, steps,
-                                                    output, reference)
+                                                    figures)
             if writes:
                 report["outputs"] += save_outputs(reference, run_dir, "baseline")
     except Exception as err:

@@ -3,7 +3,9 @@
 Outputs are decoded pixels in [0, 1] as the job produces them: images (N, H, W, C) or video
 (N, F, H, W, C). `metrics(names, output, reference, ...)` computes the named ones; a metric that does
 not apply (video figures on images, task accuracy without toy prompts, LPIPS without its weights
-here) is None, with the reason under "unavailable".
+here) is None, with the reason under "unavailable". With names=None, every metric that applies to
+these inputs: those that do not fit them are left out, those that fit but cannot run here (LPIPS
+without its weights) stay, as None with the reason.
 """
 from __future__ import annotations
 
@@ -19,7 +21,11 @@ from accel.errors import ConfigError
 
 
 class Unavailable(Exception):
-    """A metric that cannot be computed for these inputs, and why."""
+    """A metric that cannot be computed here, and why."""
+
+
+class NotApplicable(Unavailable):
+    """A metric that does not fit these inputs (a video figure on images), and why."""
 
 
 def _pair(output, reference) -> tuple[np.ndarray, np.ndarray]:
@@ -73,7 +79,7 @@ def relative_l2(output, reference) -> float:
 def _video(output, reference) -> tuple[np.ndarray, np.ndarray]:
     output, reference = _pair(output, reference)
     if output.ndim != 5:
-        raise Unavailable(f"a video figure, and the output is not video (N, F, H, W, C) but {output.shape}")
+        raise NotApplicable(f"a video figure, and the output is not video (N, F, H, W, C) but {output.shape}")
     return output, reference
 
 
@@ -98,13 +104,13 @@ def task_accuracy(output, prompts: Optional[Sequence[str]]) -> float:
 
     output = np.asarray(output)
     if output.ndim != 4:
-        raise Unavailable(f"the toy task is scored on images (N, H, W, C), not {output.shape}")
+        raise NotApplicable(f"the toy task is scored on images (N, H, W, C), not {output.shape}")
     if prompts is None:
-        raise Unavailable("no prompts given")
+        raise NotApplicable("no prompts given")
     prompts = [prompts] * len(output) if isinstance(prompts, str) else list(prompts)
     unknown = [p for p in prompts if p.strip() not in {s.prompt for s in shapes.ALL_SCENES}]
     if unknown:
-        raise Unavailable(f"{unknown[0]!r} is not a prompt of the toy shape set (e.g. {shapes.ALL_SCENES[0].prompt!r})")
+        raise NotApplicable(f"{unknown[0]!r} is not a prompt of the toy shape set (e.g. {shapes.ALL_SCENES[0].prompt!r})")
     return checker.accuracy(output, prompts)
 
 
@@ -146,7 +152,7 @@ class Inputs:
 
     def latent_pair(self):
         if self.latents is None or self.reference_latents is None:
-            raise Unavailable("no latents given")
+            raise NotApplicable("no latents given")
         return self.latents, self.reference_latents
 
 
@@ -165,24 +171,38 @@ METRICS: dict[str, Callable[[Inputs], Any]] = {
 }
 
 
-def metrics(names: Sequence[str], output, reference, prompts: Optional[Sequence[str]] = None,
+def check_names(names: Optional[Sequence[str]], field: str = "metrics") -> None:
+    """Raise ConfigError for a name that is not a metric, naming the field and the known ones."""
+    if names is None:
+        return
+    if isinstance(names, str):
+        raise ConfigError(f"{field}={names!r} must be a list of metric names, e.g. [psnr, ssim], or null for "
+                          "every metric that applies")
+    for name in names:
+        if name not in METRICS:
+            raise ConfigError(f"{field}: {name!r} is not a metric; the metrics are {', '.join(METRICS)} "
+                              "(or null for every one that applies)")
+
+
+def metrics(names: Optional[Sequence[str]], output, reference, prompts: Optional[Sequence[str]] = None,
             latents=None, reference_latents=None) -> dict[str, Any]:
-    """The named metrics of `output` against `reference`; those that do not apply are None, with the
-    reason in result["unavailable"][name]. An unknown name raises ConfigError listing the known ones."""
+    """The named metrics of `output` against `reference` (names=None: every one that applies); those
+    that cannot be computed are None, with the reason in result["unavailable"][name]. An unknown name
+    raises ConfigError listing the known ones."""
     if isinstance(names, str):
         names = [names]
-    unknown = [name for name in names if name not in METRICS]
-    if unknown:
-        raise ConfigError(f"metric {unknown[0]!r} is not known: the metrics are {', '.join(METRICS)}")
+    check_names(names)
     inputs = Inputs(output, reference, prompts, latents, reference_latents)
     results: dict[str, Any] = {}
     unavailable: dict[str, str] = {}
-    for name in names:
+    for name in names if names is not None else METRICS:
         try:
             results[name] = METRICS[name](inputs)
+        except NotApplicable as why:
+            if names is not None:
+                results[name], unavailable[name] = None, str(why)
         except Unavailable as why:
-            results[name] = None
-            unavailable[name] = str(why)
+            results[name], unavailable[name] = None, str(why)
     if unavailable:
         results["unavailable"] = unavailable
     return results

@@ -11,6 +11,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from accel import metrics
+
 
 def environment(device: torch.device) -> dict[str, Any]:
     import diffusers
@@ -31,15 +33,16 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
 
 
-def quality(output: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
-    """PSNR (dB, on [0, 1] pixels) and max-abs difference of an output against the baseline's."""
-    diff = output.astype(np.float64) - reference.astype(np.float64)
-    mse = float(np.mean(diff**2))
-    return {
-        "psnr_db": "inf" if mse == 0 else round(10 * math.log10(1.0 / mse), 3),
-        "max_abs_diff": float(np.max(np.abs(diff))),
-        "identical": mse == 0,
-    }
+def quality(names, output: np.ndarray, reference: np.ndarray, prompts=None, latents=None,
+            reference_latents=None) -> dict[str, Any]:
+    """The named metrics (accel.metrics; None: every one that applies) of an output against the
+    baseline's, with the baseline's own task accuracy beside the output's where the task applies."""
+    figures = metrics.metrics(names, output, reference, prompts=prompts, latents=latents,
+                              reference_latents=reference_latents)
+    if figures.get("task_accuracy") is not None:
+        figures["baseline_task_accuracy"] = metrics.task_accuracy(reference, prompts)
+    figures["identical"] = bool(np.array_equal(output, reference))
+    return figures
 
 
 def timing_summary(seconds: list[float], images: int, steps: int) -> dict[str, Any]:
@@ -51,7 +54,7 @@ def timing_summary(seconds: list[float], images: int, steps: int) -> dict[str, A
 
 
 def comparison(baseline_s: list[float], accelerated_s: list[float], images: int, steps: int,
-               output: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
+               figures: dict[str, Any]) -> dict[str, Any]:
     """Baseline against accelerated, from alternating rounds: the speedup of the medians, the range
     it could be, and whether the difference is measurable at all (the two ranges do not overlap)."""
     base, fast = timing_summary(baseline_s, images, steps), timing_summary(accelerated_s, images, steps)
@@ -61,12 +64,23 @@ def comparison(baseline_s: list[float], accelerated_s: list[float], images: int,
         "speedup_range": [round(base["min_s"] / fast["max_s"], 3), round(base["max_s"] / fast["min_s"], 3)],
         "measurable": fast["max_s"] < base["min_s"] or base["max_s"] < fast["min_s"],
         "rounds": len(accelerated_s),
-        "quality": quality(output, reference),
+        "quality": figures,
     }
 
 
 def write_json(path: Path, report: dict) -> None:
-    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    """JSON with infinite figures (PSNR of identical outputs) as the string "inf", as JSON has no inf."""
+    path.write_text(json.dumps(_finite(report), indent=2, default=str) + "\n")
+
+
+def _finite(value):
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _seconds(timing: dict) -> str:
@@ -90,6 +104,45 @@ def cache_note(cache: dict) -> Optional[str]:
     if threshold.get("caches_about_half") is not None:
         note += f"; cache.{threshold['name']}={threshold['caches_about_half']:.3g} would cache about half the steps"
     return note
+
+
+QUALITY_LABELS = {  # the table's words for accel.metrics' figures, in the table's order
+    "psnr": ("PSNR", "{:.2f} dB"), "ssim": ("SSIM", "{:.4f}"), "lpips": ("LPIPS", "{:.4f}"),
+    "mean_abs": ("mean abs", "{:.4g}"), "max_abs": ("max abs", "{:.4g}"),
+    "frame_psnr": ("per-frame PSNR", None), "flicker": ("flicker", "{:.4g}"),
+    "latent_relative_l2": ("rel L2", "{:.4g}"), "latent_mean_abs": ("mean abs", "{:.4g}"),
+    "latent_max_abs": ("max abs", "{:.4g}"), "task_accuracy": ("task accuracy", "{:.2f}"),
+}
+
+
+def format_figure(name: str, value) -> str:
+    if value is None:
+        return "n/a"
+    if name == "frame_psnr":
+        return " ".join(f"{v:.1f}" for v in value) + " dB"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf (identical)" if name == "psnr" else "inf"
+    return QUALITY_LABELS[name][1].format(value)
+
+
+def quality_rows(figures: dict) -> list[tuple[str, str]]:
+    """Table rows of a comparison's quality figures: one line for the image, one for latents and
+    the task, and what could not be computed and why."""
+    def line(names):
+        return ", ".join(f"{QUALITY_LABELS[n][0]} {format_figure(n, figures[n])}" for n in names
+                         if figures.get(n) is not None)
+
+    image = line(["psnr", "ssim", "lpips", "mean_abs", "max_abs", "frame_psnr", "flicker"])
+    rows = [("vs baseline", image + (" (bit-identical)" if figures.get("identical") else ""))]
+    latents = line(["latent_relative_l2", "latent_mean_abs", "latent_max_abs"])
+    if latents:
+        rows.append(("latents", latents))
+    if figures.get("task_accuracy") is not None:
+        rows.append(("task accuracy", f"{figures['task_accuracy']:.2f} (baseline "
+                                      f"{figures['baseline_task_accuracy']:.2f})"))
+    for name, why in figures.get("unavailable", {}).items():
+        rows.append(("not computed", f"{name}: {why}"))
+    return rows
 
 
 def summary_table(report: dict) -> str:
@@ -135,8 +188,7 @@ def summary_table(report: dict) -> str:
         else:
             rows.append(("speedup", f"no measurable difference ({base['speedup']:.2f}x median; the ranges of "
                                     f"{base['rounds']} alternating rounds overlap)"))
-        rows.append(("PSNR vs baseline", f"{base['quality']['psnr_db']} dB"))
-        rows.append(("max abs diff", f"{base['quality']['max_abs_diff']:.4g}"))
+        rows += quality_rows(base["quality"])
     rows.append(("outputs", ", ".join(report["outputs"])))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

@@ -46,9 +46,27 @@ def test_main_job_saves_images_report_and_replayable_recipe(tmp_path, monkeypatc
     assert base["rounds"] == 3 and len(fast["runs_s"]) == 3 and len(base["timings"]["runs_s"]) == 3
     assert fast["min_s"] <= fast["per_image_s"] <= fast["max_s"]
     assert {"speedup", "speedup_range", "measurable", "quality"} <= set(base)
+    # quality: every metric that applies to images and their latents; none of the video ones
+    quality = base["quality"]
+    assert {"psnr", "ssim", "mean_abs", "max_abs", "latent_relative_l2", "latent_max_abs"} <= set(quality)
+    assert not {"flicker", "frame_psnr", "task_accuracy"} & set(quality)
+    assert 0 < quality["ssim"] <= 1 and quality["max_abs"] >= quality["mean_abs"] >= 0
+    assert "SSIM" in result.stdout and "latents" in result.stdout
 
     monkeypatch.setenv("ACCEL_RECIPES", str(run_dir))
     assert accel.compose("recipe") == OmegaConf.create(report["recipe"])
+
+
+def test_the_toy_model_reports_task_accuracy_beside_the_baselines(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_accel("recipe=flux_fbcache", "model=flux_toy", "steps=10", "warmup=0", "repeats=1", "compare=true",
+                       "metrics=[psnr,task_accuracy]", "prompt=a large red circle at the top left",
+                       f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    quality = json.loads((run_dir / "report.json").read_text())["baseline"]["quality"]
+    assert set(quality) == {"psnr", "task_accuracy", "baseline_task_accuracy", "identical"}
+    assert quality["task_accuracy"] == quality["baseline_task_accuracy"] == 1.0
+    assert "task accuracy   1.00 (baseline 1.00)" in result.stdout
 
 
 def test_a_second_run_into_the_same_folder_goes_beside_it(tmp_path):
@@ -135,6 +153,8 @@ BAD_INPUTS = {  # case: (arguments, environment, fragments of the one error line
     "YAML syntax": (["recipe=broken"], RECIPES, ["broken.yaml, line 6, column 1", "YAML"]),
     "ACCEL_RECIPES missing": (["recipe=x"], {"ACCEL_RECIPES": "{recipes}/nowhere"}, ["ACCEL_RECIPES", "missing"]),
     "ACCEL_RECIPES a file": (["recipe=x"], {"ACCEL_RECIPES": "{recipes}/evil.yaml"}, ["ACCEL_RECIPES", "a file"]),
+    "unknown metric": (["model=flux_tiny", "metrics=[psnr,fid]"], {}, ["metrics", "'fid'", "psnr, ssim"]),
+    "metrics not a list": (["model=flux_tiny", "metrics=psnr"], {}, ["metrics"]),
     "--cfg job validates": (["model=flux_tiny", "steps=0", "--cfg", "job"], {}, ["steps=0"]),
 }
 

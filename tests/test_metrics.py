@@ -84,10 +84,19 @@ def test_lpips_without_its_package_or_weights_is_none_with_the_reason():
 
 def test_an_unknown_metric_is_refused_with_the_known_ones():
     reference = images()
-    with pytest.raises(ConfigError, match=r"'fid' is not known: the metrics are psnr, ssim, .*flicker"):
+    with pytest.raises(ConfigError, match=r"metrics: 'fid' is not a metric; the metrics are psnr, ssim, .*flicker"):
         metrics.metrics(["psnr", "fid"], reference, reference)
 
 
 def test_outputs_of_different_shapes_are_refused():
     with pytest.raises(ValueError, match="differ in shape"):
         metrics.psnr(images(shape=(1, 8, 8, 3)), images(shape=(1, 8, 16, 3)))
+
+
+def test_without_names_every_metric_that_fits_the_inputs():
+    reference = images()
+    result = metrics.metrics(None, reference, reference, latents=np.ones(3), reference_latents=np.ones(3))
+    # images: no video figures, no toy prompts; latents given: their figures are in
+    assert {"psnr", "ssim", "mean_abs", "max_abs", "latent_relative_l2"} <= set(result)
+    assert not {"flicker", "frame_psnr", "task_accuracy"} & set(result)
+    assert ("lpips" in result) and (result["lpips"] is None) == (metrics._lpips_weights() is not None)
