@@ -1,13 +1,13 @@
 """What a run tells a user: a speedup only where the timed rounds tell the variants apart."""
 import numpy as np
 
-from accel.report import comparison, summary_table, timing_summary
+from accel.report import comparison, quality, summary_table, timing_summary
 
 IMAGES = np.zeros((1, 8, 8, 3))
 
 
 def _report(baseline_s, accelerated_s):
-    base = comparison(baseline_s, accelerated_s, images=1, steps=4, output=IMAGES, reference=IMAGES)
+    base = comparison(baseline_s, accelerated_s, images=1, steps=4, figures=quality(None, IMAGES, IMAGES))
     return {
         "recipe": {"model": {"architecture": "flux", "source": "tiny"}},
         "stats": {},
@@ -29,3 +29,8 @@ def test_separate_rounds_give_the_median_speedup_and_its_range():
     assert base["measurable"] and base["speedup"] == round(2.1 / 1.05, 3)
     assert base["speedup_range"] == [round(2.0 / 1.1, 3), round(2.2 / 1.0, 3)]
     assert "2.00x (range 1.82-2.20x over 3 rounds)" in summary_table(report)
+
+
+def test_identical_outputs_read_as_identical():
+    table = summary_table(_report([2.0, 2.2, 2.1], [1.0, 1.1, 1.05]))
+    assert "PSNR inf (identical)" in table and "(bit-identical)" in table
