@@ -35,6 +35,7 @@ Task = Callable[[DictConfig, Path], None]  # task(cfg, run_dir); raises AccelErr
 COMPOSE_ERRORS = (HydraException, OmegaConfBaseException, yaml.YAMLError)
 
 _failures: list[str] = []  # what failed in this process, one line each
+failed_jobs: dict[int, tuple[list[str], str]] = {}  # a sweep's failed jobs: number -> (overrides, why)
 _checked = False  # a single run's recipe was validated and checked before its folder was claimed
 
 
@@ -150,27 +151,47 @@ def _run_task(task: Task, cfg: DictConfig, preflight) -> None:
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    label = f"#{hydra_cfg.job.num} ({' '.join(hydra_cfg.overrides.task)})" if _is_sweep() else ""
-    if label:
-        print(f"accel: job {label}")
+    job = (hydra_cfg.job.num, list(hydra_cfg.overrides.task)) if _is_sweep() else None
+    if job:
+        print(f"accel: job {job_label(*job)}")
     try:
-        if label or not _checked:  # sweep jobs are composed by Hydra and checked here, one by one
+        if job or not _checked:  # sweep jobs are composed by Hydra and checked here, one by one
             validate(cfg)
             if preflight is not None:
                 preflight(cfg)
     except AccelError as err:
         _discard(run_dir)
-        record_failure(err, label)
+        record_failure(err, job)
         return
     try:
         task(cfg, run_dir)
     except AccelError as err:
-        record_failure(err, label)
+        record_failure(err, job)
+    except Exception as err:  # noqa: BLE001
+        if not job:
+            raise
+        # in a sweep, a job that crashed fails alone, its traceback in its folder, and the sweep goes on
+        import traceback
+
+        (run_dir / "traceback.txt").write_text("".join(traceback.format_exception(err)))
+        first_line = (str(err).splitlines() or [""])[0]
+        record_failure(AccelError(f"{type(err).__name__}: {first_line} (traceback: {run_dir / 'traceback.txt'})"), job)
 
 
-def record_failure(err: Exception, label: str) -> None:
-    line = f"{label}: {err}" if label else str(err)
-    _failures.append(line.splitlines()[0] if label else line)
+def job_label(num: int, overrides: list[str]) -> str:
+    return f"#{num} ({' '.join(overrides)})"
+
+
+def record_failure(err: Exception, job: Optional[tuple[int, list[str]]] = None) -> None:
+    """Print a failure and keep it for the end of the run (and a sweep's summary)."""
+    message = str(err)
+    if job:
+        failed_jobs[job[0]] = (job[1], message.splitlines()[0])
+        line = f"{job_label(*job)}: {message}"
+        _failures.append(line.splitlines()[0])
+    else:
+        line = message
+        _failures.append(line)
     print(f"accel: error: {line}", file=sys.stderr)
 
 

@@ -125,6 +125,8 @@ def _primary_config() -> dict:
             "run": {"dir": _now(cli.RUN_DIR)},
             "sweep": {"dir": _now(cli.SWEEP_DIR), "subdir": "${hydra.job.num}"},
             "job": {"chdir": False},
+            # our own code, named here by accel, not by a recipe: a multirun's summary (accel/sweep_report.py)
+            "callbacks": {"accel_sweep_report": {"_target_": "accel.sweep_report.SweepReport"}},
             "help": {"template": help_text()},
         },
     }

@@ -37,7 +37,7 @@ class EveryJobLauncher(BasicLauncher):
             try:
                 config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
             except COMPOSE_ERRORS as err:
-                record_failure(AccelError(clean_hydra_message(err)), f"#{idx} ({' '.join(overrides)})")
+                record_failure(AccelError(clean_hydra_message(err)), (idx, list(overrides)))
                 runs.append(JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED))
                 continue
             with open_dict(config):

@@ -1,5 +1,6 @@
 """`python -m accel` end to end, as a user runs it: run folders, reports, sweeps, replays, and the one
 clear line (exit code 2, no traceback, no folder) that every bad input gets."""
+import csv
 import json
 import os
 import shlex
@@ -106,8 +107,8 @@ def test_cfg_job_prints_the_composed_recipe(tmp_path):
 
 def test_a_sweep_runs_every_valid_job_and_lists_the_failed_ones(tmp_path):
     sweep = tmp_path / "sweep"
-    result = run_accel("-m", "recipe=flux_fbcache", *FAST, "cache.residual_diff_threshold=0,-1,abc,1e9",
-                       f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    result = run_accel("-m", "recipe=flux_fbcache", *FAST, "compare=true", "repeats=1",
+                       "cache.residual_diff_threshold=0,-1,abc,1e9", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert result.returncode == 2
     reports = {i: json.loads((sweep / str(i) / "report.json").read_text()) for i in (0, 3)}
     assert [r["stats"]["cache"]["cached"] for r in reports.values()] == [0, 3]
@@ -115,6 +116,20 @@ def test_a_sweep_runs_every_valid_job_and_lists_the_failed_ones(tmp_path):
     summary = result.stderr[result.stderr.index("2 job(s) failed"):]
     assert "#1" in summary and "residual_diff_threshold=-1" in summary and "#2" in summary and "'abc'" in summary
     assert "Traceback" not in result.stderr
+
+    # the sweep's summary: every job a row, the failed ones marked, the pictures beside them
+    with open(sweep / "summary.csv") as table:
+        rows = {int(row["job"]): row for row in csv.DictReader(table)}
+    assert sorted(rows) == [0, 1, 2, 3]
+    assert [rows[i]["status"] for i in range(4)] == ["ok", "failed", "failed", "ok"]
+    assert "is not allowed" in rows[1]["stopped"] and "abc" in rows[2]["stopped"]
+    assert rows[0]["psnr_db"] == "inf" and float(rows[3]["psnr_db"]) < 60 and rows[3]["cached"] == "3"
+    assert rows[3]["settings"] == "cache.residual_diff_threshold=1000000000.0"  # as Hydra writes it
+    assert (sweep / "summary.md").read_text().count("**FAILED**") == 2
+    page = (sweep / "index.html").read_text()
+    for picture in ("tradeoff.png", "grid.png", "hitmap.png"):
+        assert (sweep / picture).stat().st_size > 1000 and f'src="{picture}"' in page
+    assert "sweep summary of 4 jobs" in result.stdout
 
 
 EVIL = """
