@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ def generation_kwargs(cfg: DictConfig, pipe) -> dict[str, Any]:
     return kwargs
 
 
-def _generate(pipe, kwargs: dict, seed: int, device: torch.device) -> tuple[np.ndarray, float, Any]:
+def timed_generation(pipe, kwargs: dict, seed: int, device: torch.device) -> tuple[np.ndarray, float, Any]:
     """One generation: its decoded output, its seconds, and its final latents (None where the pipeline
     offers no step callback)."""
     generator = torch.Generator("cpu").manual_seed(seed)  # CPU noise: the same latents on every device
@@ -98,7 +98,7 @@ def _free_path(path: Path) -> Path:
     return candidate
 
 
-def _quiet_loading() -> None:
+def quiet_loading() -> None:
     """Loading bars per component and per weight file say nothing a run's report does not; the
     denoising progress bar stays."""
     import diffusers
@@ -126,7 +126,7 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
     repeats = cfg.repeats or (3 if cfg.compare else 1)
     stage = "load"
     try:
-        _quiet_loading()
+        quiet_loading()
         start = time.perf_counter()
         pipe = load_pipeline(cfg.model, cfg.device)
         report["timings"]["load_s"] = time.perf_counter() - start
@@ -141,7 +141,7 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
         steps = kwargs["num_inference_steps"]
 
         def generate():
-            return _generate(pipe, kwargs, cfg.seed, device)
+            return timed_generation(pipe, kwargs, cfg.seed, device)
 
         first_call = None
         for _ in range(cfg.warmup):
@@ -216,10 +216,12 @@ def _per_rank_timings(seconds: list[float], images: int, steps: int) -> list[dic
     return [{"rank": rank, **reports.timing_summary(times, images, steps)} for rank, times in enumerate(gathered)]
 
 
-def write_replay_recipe(cfg: DictConfig, path: Path) -> None:
+def write_replay_recipe(cfg: DictConfig, path: Path, header: Sequence[str] = ()) -> None:
     """The fully composed recipe as a recipe file that replays on its own (every value embedded, no
-    search path needed): `ACCEL_RECIPES=<run folder> python -m accel recipe=recipe`."""
-    lines = ["# The fully composed recipe of this run. Replay it with:",
+    search path needed): `ACCEL_RECIPES=<run folder> python -m accel recipe=recipe`. `header`: lines
+    of comment above it (what the recipe is and the evidence for it)."""
+    lines = [f"# {line}" for line in header] or ["# The fully composed recipe of this run."]
+    lines += ["# Replay it with:",
              f"#   ACCEL_RECIPES={path.parent} python -m accel recipe={path.stem}",
              "defaults:",
              "  - override /model: null  # the model's every field is below"]
