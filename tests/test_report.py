@@ -34,3 +34,11 @@ def test_separate_rounds_give_the_median_speedup_and_its_range():
 def test_identical_outputs_read_as_identical():
     table = summary_table(_report([2.0, 2.2, 2.1], [1.0, 1.1, 1.05]))
     assert "PSNR inf (identical)" in table and "(bit-identical)" in table
+
+
+def test_task_accuracy_is_scored_for_the_output_and_the_baseline_each():
+    from accel.toy import shapes
+
+    pictures, prompts = shapes.dataset(3, seed=5)
+    figures = quality(["task_accuracy"], pictures / 255, np.zeros_like(pictures, dtype=float), prompts=prompts)
+    assert figures["task_accuracy"] == 1.0 and figures["baseline_task_accuracy"] == 0.0

@@ -21,6 +21,20 @@ def test_the_checker_sees_a_wrong_image_as_wrong():
     assert checker.describe(np.full((64, 64, 3), 30, np.uint8)) is None  # background only
 
 
+@pytest.mark.parametrize("attribute, options", [("row", shapes.ROWS), ("column", shapes.COLUMNS),
+                                                ("shape", shapes.SHAPES), ("colour", tuple(shapes.COLOURS))])
+def test_one_wrong_attribute_makes_an_image_wrong(attribute, options):
+    import dataclasses
+
+    images, prompts = shapes.dataset(20, seed=4)
+    wrong = []
+    for prompt in prompts:
+        scene = shapes.parse(prompt)
+        other = next(o for o in options if o != getattr(scene, attribute))
+        wrong.append(dataclasses.replace(scene, **{attribute: other}).prompt)
+    assert checker.accuracy(images, wrong) == 0.0
+
+
 def test_the_dataset_is_deterministic_from_its_seed():
     first, prompts = shapes.dataset(16, seed=5)
     again, prompts_again = shapes.dataset(16, seed=5)
