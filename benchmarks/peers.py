@@ -45,12 +45,12 @@ from typing import Any, Callable, Optional
 
 os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")  # cache-dit logs every step's decision at info
 
-import numpy as np
 import torch
 
 import accel
 from accel import metrics
 from accel.toy import shapes
+from common import timed
 
 # Four fixed prompts of the toy set (every shape, colour and size, four places), and a fifth one,
 # held out, on which MagCache's ratios are calibrated.
@@ -89,18 +89,6 @@ def load_pipe(args: argparse.Namespace):
 def call_kwargs(cfg, args, prompts) -> dict:
     return dict(prompt=list(prompts), num_inference_steps=args.steps, height=cfg.model.height, width=cfg.model.width,
                 guidance_scale=cfg.model.guidance_scale, output_type="np")
-
-
-def timed(pipe, call: dict) -> tuple[np.ndarray, float]:
-    """One generation from seed 0 (a CPU generator): its images and its wall time."""
-    cuda = pipe.device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    images = pipe(**call, generator=torch.Generator("cpu").manual_seed(0)).images
-    if cuda:
-        torch.cuda.synchronize()
-    return images, time.perf_counter() - start
 
 
 class BlockCounter:
