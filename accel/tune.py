@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from accel import cli
-from accel.errors import AccelError, ConfigError, require
+from accel.errors import ConfigError, require
 from accel.schema import to_dataclass
 
 TUNE_DIR = "tune/%Y-%m-%d/%H-%M-%S-%f"
