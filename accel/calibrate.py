@@ -177,7 +177,8 @@ def _job(cfg: DictConfig, run_dir: Path) -> None:
     choices = HydraConfig.get().runtime.choices
     option.write_text(
         f"# TeaCache coefficients fitted by accel.calibrate on {cfg.model.architecture} (model={choices['model']}, "
-        f"{kwargs['num_inference_steps']} steps, {len(prompts)} {set_name} prompts, {len(pairs)} pairs, fit RMS {residual:.4g}).\n"
+        f"{kwargs['num_inference_steps']} steps, {len(prompts)} {set_name} prompts, {len(pairs)} pairs, "
+        f"fit RMS {residual:.4g}).\n"
         "defaults:\n  - /schema/cache/teacache@_here_\n  - _self_\n"
         f"rel_l1_threshold: 0.4\ncoefficients: [{', '.join(f'{c:.9g}' for c in coefficients)}]\n"
         f"fitted_on: {cfg.model.architecture}\n"
