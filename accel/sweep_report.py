@@ -35,9 +35,12 @@ class Job:
     def failed(self) -> bool:
         return self.error is not None or "failed_at" in self.report
 
-    def settings(self, keys: list[str]) -> str:
+    def swept(self, keys: list[str]) -> list[str]:
         """Its overrides of `keys` (those the sweep varies), or all of them."""
-        return " ".join(o for o in self.overrides if o.partition("=")[0] in keys) or " ".join(self.overrides)
+        return [o for o in self.overrides if o.partition("=")[0] in keys] or self.overrides
+
+    def settings(self, keys: list[str]) -> str:
+        return " ".join(self.swept(keys))
 
     def why(self) -> str:
         if "failed_at" in self.report:
@@ -208,7 +211,11 @@ def _value(job: Job, key: str) -> str:
 
 
 def _caption(job: Job, keys: list[str]) -> str:
-    settings = job.settings(keys)
+    """Job number, its swept settings (last part of each key, wrapped), time, speedup and PSNR."""
+    import textwrap
+
+    settings = " ".join(f"{o.partition('=')[0].rsplit('.', 1)[-1]}={o.partition('=')[2]}" for o in job.swept(keys))
+    settings = "\n".join(textwrap.wrap(settings, 34))
     if job.failed:
         return f"#{job.num} {settings}\nFAILED ({job.report.get('failed_at', 'compose')})"
     speed = f"{job.per_image_s():.3g} s"
