@@ -237,10 +237,14 @@ def test_calibration_with_too_few_steps_says_how_many(tmp_path):
 
 def test_video_models_save_animations(tmp_path):
     run_dir = tmp_path / "run"
-    result = run_accel("recipe=wan_fbcache", "model=wan_tiny", "steps=4", "warmup=0", f"hydra.run.dir={run_dir}",
-                       cwd=tmp_path)
+    result = run_accel("recipe=wan_fbcache", "model=wan_tiny", "steps=4", "warmup=0", "compare=true", "repeats=1",
+                       f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     from PIL import Image
 
     with Image.open(run_dir / "image_00.gif") as animation:
         assert animation.n_frames == 5
+    # video quality: PSNR per frame and temporal flicker beside the image figures
+    quality = json.loads((run_dir / "report.json").read_text())["baseline"]["quality"]
+    assert len(quality["frame_psnr"]) == 5 and quality["flicker"] >= 0 and "ssim" in quality
+    assert "per-frame PSNR" in result.stdout and "flicker" in result.stdout
