@@ -2,7 +2,7 @@
 cache setting that meets a quality target (or the best quality at a speed target), found with Optuna.
 
 Targets, exactly one:
-  target.min_psnr=DB     every prompt's output within DB of the uncached baseline's, as fast as possible
+  target.min_psnr=DB     every prompt's output at least DB of PSNR against the uncached baseline's, as fast as possible
   target.accuracy=A      toy task accuracy (model=flux_toy) at least A, as fast as possible
   target.speedup=X       at least X times faster than the baseline, with the best worst-prompt PSNR
 
