@@ -25,6 +25,7 @@ from accel.errors import AccelError, ConfigError, require
 from accel.models.adapters import for_pipeline
 from accel.models.loading import load_pipeline
 from accel.strategies.block_cache import TimestepReader, relative_l1
+from accel.strategies.teacache import ModulatedInputDecider
 
 PROMPTS = (
     "a red fox in fresh snow, golden hour",
@@ -174,13 +175,17 @@ def _job(cfg: DictConfig, run_dir: Path) -> None:
     option.parent.mkdir(parents=True, exist_ok=True)
     fit = np.poly1d(coefficients)(pairs[:, 0])
     residual = float(np.sqrt(np.mean((fit - pairs[:, 1]) ** 2)))
+    # in the fitted polynomial's units, the published 0.4 means nothing: start where about half the steps cache
+    threshold = ModulatedInputDecider(None, 0.0, coefficients).caches_about_half(list(pairs[:, 0]))
     choices = HydraConfig.get().runtime.choices
     option.write_text(
         f"# TeaCache coefficients fitted by accel.calibrate on {cfg.model.architecture} (model={choices['model']}, "
         f"{kwargs['num_inference_steps']} steps, {len(prompts)} {set_name} prompts, {len(pairs)} pairs, "
         f"fit RMS {residual:.4g}).\n"
         "defaults:\n  - /schema/cache/teacache@_here_\n  - _self_\n"
-        f"rel_l1_threshold: 0.4\ncoefficients: [{', '.join(f'{c:.9g}' for c in coefficients)}]\n"
+        f"rel_l1_threshold: {threshold:.4g}  # caches about half the steps of the calibration runs; lower for "
+        "quality, higher for speed\n"
+        f"coefficients: [{', '.join(f'{c:.9g}' for c in coefficients)}]\n"
         f"fitted_on: {cfg.model.architecture}\n"
     )
     np.savetxt(run_dir / "calibration_pairs.csv", pairs, delimiter=",", header="input_rel_l1,residual_rel_l1")

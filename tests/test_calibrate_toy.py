@@ -47,6 +47,14 @@ def test_calibrating_flux_toy_uses_its_prompts(tmp_path):
     assert f"calibrating on {len(toy_prompts())} toy prompts" in result.stdout
     option = (run_dir / "conf" / "cache" / "teacache_calibrated.yaml").read_text()
     assert f"model=flux_toy, 6 steps, {len(toy_prompts())} toy prompts, {len(toy_prompts()) * 5} pairs" in option
+    # the threshold is the fit's own: 1.5 x the median rescaled step of the calibration runs
+    import numpy as np
+    import yaml
+
+    fitted = yaml.safe_load(option)
+    pairs = np.loadtxt(run_dir / "calibration_pairs.csv", delimiter=",")
+    rescaled = np.abs(np.poly1d(fitted["coefficients"])(pairs[:, 0]))
+    assert fitted["rel_l1_threshold"] == pytest.approx(1.5 * np.median(rescaled), rel=1e-3)
 
 
 def test_a_wrong_prompt_set_is_one_line_and_exit_2(tmp_path):
