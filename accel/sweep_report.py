@@ -18,9 +18,6 @@ from typing import Any, Optional
 import yaml
 from hydra.experimental.callback import Callback
 
-FILES = ("summary.md", "summary.csv", "tradeoff.png", "grid.png", "hitmap.png", "index.html")
-
-
 @dataclass
 class Job:
     """One job of a sweep, as its folder (or its failure before it had one) tells it."""
@@ -60,12 +57,9 @@ class Job:
     def cache(self) -> dict:
         return self.report.get("stats", {}).get("cache", {})
 
-    def image(self) -> Optional[Path]:
-        outputs = [o for o in self.report.get("outputs", []) if o.startswith("image_")]
-        return self.folder / outputs[0] if outputs and self.folder else None
-
-    def baseline_image(self) -> Optional[Path]:
-        outputs = [o for o in self.report.get("outputs", []) if o.startswith("baseline_")]
+    def first_output(self, stem: str) -> Optional[Path]:
+        """Its first saved output named `stem` (image, or baseline under compare), if any."""
+        outputs = [o for o in self.report.get("outputs", []) if o.startswith(f"{stem}_")]
         return self.folder / outputs[0] if outputs and self.folder else None
 
 
@@ -155,8 +149,7 @@ def _plotting():
 
 
 def plot_tradeoff(jobs: list[Job], path: Path) -> Optional[str]:
-    """Speedup against PSNR (or task accuracy where PSNR is missing), the Pareto front joined.
-    Returns why there is no plot, when there is none."""
+    """Speedup against PSNR, the Pareto front joined. Returns why there is no plot, when there is none."""
     measured = [j for j in jobs if not j.failed and j.baseline().get("speedup") is not None
                 and j.quality("psnr") is not None]
     if not measured:
@@ -240,7 +233,7 @@ def plot_grid(jobs: list[Job], path: Path) -> None:
         n_columns = min(5, len(jobs))
         n_rows = math.ceil(len(jobs) / n_columns)
         place = {j.num: divmod(i, n_columns) for i, j in enumerate(jobs)}
-    baseline = next((j.baseline_image() for j in jobs if j.baseline_image() is not None), None)
+    baseline = next(filter(None, (j.first_output("baseline") for j in jobs)), None)
     offset = 1 if baseline is not None else 0
     figure, axes = plt.subplots(n_rows, n_columns + offset, squeeze=False,
                                 figsize=(2.6 * (n_columns + offset), 2.9 * n_rows))
@@ -252,7 +245,7 @@ def plot_grid(jobs: list[Job], path: Path) -> None:
     for job in jobs:
         row, column = place[job.num]
         ax = axes[row][column + offset]
-        pixels = None if job.failed else _load_image(job.image())
+        pixels = None if job.failed else _load_image(job.first_output("image"))
         if pixels is None:
             ax.text(0.5, 0.5, "failed" if job.failed else "no image", ha="center", va="center", color="tab:red")
         else:
@@ -285,9 +278,9 @@ def plot_hitmap(jobs: list[Job], path: Path) -> Optional[str]:
     grid = np.full((len(labelled), width), np.nan)
     for row, (_, line) in enumerate(labelled):
         grid[row, :len(line)] = [1.0 if c == "H" else 0.0 for c in line]
-    figure, axes = plt.subplots(figsize=(max(6, 0.25 * width + 4), 0.35 * len(labelled) + 1.2))
     from matplotlib.colors import ListedColormap
 
+    figure, axes = plt.subplots(figsize=(max(6, 0.25 * width + 4), 0.35 * len(labelled) + 1.2))
     axes.imshow(grid, cmap=ListedColormap(["#cfe0f3", "#1f3b57"]), vmin=0, vmax=1, aspect="auto",
                 interpolation="nearest")
     axes.set_xticks(np.arange(-0.5, width), minor=True)

@@ -21,6 +21,7 @@ import dataclasses
 import math
 import statistics
 import sys
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -216,21 +217,22 @@ class Tuner:
             images, seconds = self.generate(prompt)
             return images, seconds, run.stats().get("cache", {})
 
-    def run_prompts(self, recipe: dict) -> tuple[list, float]:
-        runs = [self.run_prompt(recipe, prompt) for prompt in self.prompts]
-        return [r[0] for r in runs], sum(r[1] for r in runs)
+    def run_prompts(self, recipe: dict) -> list[tuple[Any, float, dict]]:
+        """Every prompt once under `recipe`: (images, seconds, cache stats) each."""
+        return [self.run_prompt(recipe, prompt) for prompt in self.prompts]
 
     def measure_baseline(self) -> tuple[list, float]:
         """The baseline's outputs (every trial's reference) and seconds, after a warm-up."""
         self.run_prompts(self.baseline_recipe)
-        return self.run_prompts(self.baseline_recipe)
+        runs = self.run_prompts(self.baseline_recipe)
+        return [images for images, _, _ in runs], sum(seconds for _, seconds, _ in runs)
 
     def evaluate(self, cache: dict) -> Evidence:
         """`cache` over the prompts. Ranked by the block evaluations it saves, which noise on a busy
         machine cannot blur into a no-op looking fast; its seconds are kept beside that."""
         from accel import metrics
 
-        runs = [self.run_prompt(self.recipe(cache), prompt) for prompt in self.prompts]
+        runs = self.run_prompts(self.recipe(cache))
         names = ["psnr", "ssim"] + (["task_accuracy"] if self.prompt_set == "toy" else [])
         figures = [metrics.metrics(names, images, ref, prompts=p) for (images, _, _), ref, p in
                    zip(runs, self.references, self.prompts)]
@@ -251,10 +253,10 @@ class Tuner:
 
     def verify(self, cache: dict) -> dict:
         """The chosen setting against the baseline in interleaved rounds: median speedup and its range."""
-        base, fast = [], []
+        base, fast, tuned = [], [], self.recipe(cache)
         for _ in range(self.search.rounds):
-            base.append(self.run_prompts(self.baseline_recipe)[1])
-            fast.append(self.run_prompts(self.recipe(cache))[1])
+            base.append(sum(seconds for _, seconds, _ in self.run_prompts(self.baseline_recipe)))
+            fast.append(sum(seconds for _, seconds, _ in self.run_prompts(tuned)))
         return {"speedup": statistics.median(base) / statistics.median(fast),
                 "range": [min(base) / max(fast), max(base) / min(fast)], "rounds": self.search.rounds,
                 "baseline_s": statistics.median(base), "tuned_s": statistics.median(fast)}
@@ -280,8 +282,6 @@ def search(tuner: Tuner, trials_file: Path) -> list[Evidence]:
         mark = "meets" if found.violation(target) <= 0 else "misses"
         print(f"  trial {trial.number + 1:>2}/{settings.trials}: {found.describe()}  [{mark} the target]", flush=True)
         return found.objective(target)
-
-    import warnings
 
     with warnings.catch_warnings():  # multivariate/group TPE is marked experimental; it models the
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # kinds' own spaces jointly
