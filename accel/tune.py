@@ -120,6 +120,13 @@ SPACES: dict[str, Kind] = {
     "mbcache": Kind(_mbcache, lambda cache: cache["first_blocks"] + cache["last_blocks"]),
     "teacache": Kind(_teacache, lambda cache: 0),  # its probe is block 0's input modulation alone
 }
+def block_work_speedup(cache: dict, computed: int, calls: int, blocks: int) -> float:
+    """The baseline's block evaluations over those of `cache`, whose computed calls run every block
+    and whose hits run the blocks its kind still needs."""
+    blocks_run = computed * blocks + (calls - computed) * SPACES[cache["strategy"]].blocks_on_hit(cache)
+    return calls * blocks / max(blocks_run, 1)
+
+
 FORECASTS = {"none": {"forecast": "none"}, "taylor1": {"forecast": "taylor", "forecast_order": 1},
              "taylor2": {"forecast": "taylor", "forecast_order": 2}}
 
@@ -238,11 +245,10 @@ class Tuner:
                    zip(runs, self.references, self.prompts)]
         accuracy = statistics.mean(f["task_accuracy"] for f in figures) if self.prompt_set == "toy" else None
         computed, calls = (sum(stats.get(key, 0) for _, _, stats in runs) for key in ("computed", "calls"))
-        blocks_run = computed * self.blocks + (calls - computed) * SPACES[cache["strategy"]].blocks_on_hit(cache)
         seconds = sum(r[1] for r in runs)
         return Evidence(cache, seconds, [f["psnr"] for f in figures], [f["ssim"] for f in figures], accuracy,
                         computed, calls, speedup=self.baseline_s / seconds,
-                        work_speedup=calls * self.blocks / max(blocks_run, 1))
+                        work_speedup=block_work_speedup(cache, computed, calls, self.blocks))
 
     def baseline_accuracy(self) -> Optional[float]:
         from accel.metrics import task_accuracy

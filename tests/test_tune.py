@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from accel.tune import Evidence, Target, choose
+from accel.tune import Evidence, Target, block_work_speedup, choose
 
 TOY = ["model=flux_toy", "steps=10", "tune.trials=4", "tune.prompt_count=1", "tune.rounds=1"]
 
@@ -93,3 +93,11 @@ def test_a_setting_that_caches_nothing_never_wins_on_a_lucky_timing():
     caching = Evidence({"strategy": "fbcache"}, 1.0, [50.0], [1.0], None, 16, 28, speedup=1.1, work_speedup=1.6)
     chosen, met = choose([no_op, caching], Target(min_psnr=40.0))
     assert met and chosen is caching
+
+
+def test_block_work_counts_what_each_kind_still_runs_on_a_hit():
+    # 28 calls of a 10-block model, 16 computed: a hit runs FBCache's probe block, MBCache's Fn + Bn, TeaCache none
+    assert block_work_speedup({"strategy": "fbcache"}, 16, 28, 10) == pytest.approx(280 / (160 + 12))
+    mbcache = {"strategy": "mbcache", "first_blocks": 2, "last_blocks": 3}
+    assert block_work_speedup(mbcache, 16, 28, 10) == pytest.approx(280 / (160 + 12 * 5))
+    assert block_work_speedup({"strategy": "teacache"}, 16, 28, 10) == pytest.approx(280 / 160)
