@@ -12,52 +12,25 @@ a packaged model that has one (model=flux_toy: its toy shapes task) and otherwis
 """
 from __future__ import annotations
 
+import contextlib
 import shlex
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
 
-from accel import cli
-from accel.errors import AccelError, ConfigError, require
-from accel.models.adapters import for_pipeline
-from accel.models.loading import load_pipeline
-from accel.strategies.block_cache import TimestepReader, relative_l1
-from accel.strategies.teacache import ModulatedInputDecider
-
-PROMPTS = (
-    "a red fox in fresh snow, golden hour",
-    "a lighthouse on a cliff at night, stormy sea",
-    "a bowl of ramen on a wooden table, studio light",
-    "portrait of an old sailor, deep wrinkles, film grain",
-)
-
-
-def toy_prompts() -> tuple[str, ...]:
-    """Six prompts of the toy shapes task (model=flux_toy), spread over shapes, colours, sizes and places."""
-    from accel.toy.shapes import Scene
-
-    return tuple(Scene(*words).prompt for words in (
-        ("circle", "red", "small", "top", "left"), ("square", "green", "large", "middle", "center"),
-        ("triangle", "blue", "small", "bottom", "right"), ("circle", "yellow", "large", "middle", "right"),
-        ("triangle", "red", "large", "top", "center"), ("square", "blue", "small", "bottom", "left")))
-
-
-PROMPT_SETS = {"photo": lambda: PROMPTS, "toy": toy_prompts}
-PACKAGED_PROMPTS = {"flux_toy": "toy"}  # packaged pipeline -> the prompt set it was trained on
-
-
-def prompt_set(name: str, model) -> tuple[str, tuple[str, ...]]:
-    """The prompt set `name` (auto, or one of PROMPT_SETS) resolves to for `model`: (set name, prompts)."""
-    allowed = ("auto", *PROMPT_SETS)
-    require(name in allowed, "prompts", name,
-            f"one of {', '.join(allowed)} (auto: the packaged model's own prompt set if it has one, else photo)")
-    if name == "auto":
-        packaged = model.get("source") == "packaged"
-        name = PACKAGED_PROMPTS.get(model.get("pretrained"), "photo") if packaged else "photo"
-    return name, PROMPT_SETS[name]()
+from accel import cli, doctor, intercept
+from accel.api import load_pipeline
+from accel.context import relative_l1
+from accel.errors import AccelError, ConfigError, one_line_errors
+from accel.job import generation_kwargs
+from accel.models.adapters import ADAPTERS, for_pipeline
+from accel.prompts import PHOTO, prompt_set
+from accel.recipe import Recipe
+from accel.strategies.block_cache import TimestepReader
+from accel.strategies.teacache import ORDER, ModulatedInputDecider
 
 
 class DiffRecorder:
@@ -73,36 +46,38 @@ class DiffRecorder:
         self.pairs: list[tuple[float, float]] = []
         self.read_timestep = TimestepReader(adapter.denoiser(pipe), getattr(pipe, "scheduler", None))
         self.new_generation()
-        self.handles = [
-            adapter.denoiser(pipe).register_forward_pre_hook(self._before_denoiser, with_kwargs=True),
-            self.first.module.register_forward_pre_hook(self._before_first, with_kwargs=True),
-            self.last.module.register_forward_hook(self._after_last),
-        ]
+        self._undo = contextlib.ExitStack()
+        self._undo.callback(intercept.around(adapter.denoiser(pipe), "forward", "cache", self._denoiser))
+        self._undo.callback(intercept.around(self.first.module, "forward", "cache", self._first))
+        self._undo.callback(intercept.around(self.last.module, "forward", "cache", self._last))
 
     def new_generation(self) -> None:
         self.previous: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.timestep, self.branch = None, 0
 
-    def _before_denoiser(self, module, args, kwargs):
+    def _denoiser(self, inner, *args, **kwargs):
         value = self.read_timestep(args, kwargs)
         self.branch = self.branch + 1 if value == self.timestep else 0
         self.timestep = value
+        return inner(*args, **kwargs)
 
-    def _before_first(self, module, args, kwargs):
-        self.modulated = self.adapter.modulated_input(module, self.first, args, kwargs)
+    def _first(self, inner, *args, **kwargs):
+        self.modulated = self.adapter.modulated_input(self.first.module, self.first, args, kwargs)
         self.span_input = self.first.inputs(args, kwargs)[0]
+        return inner(*args, **kwargs)
 
-    def _after_last(self, module, args, output):
+    def _last(self, inner, *args, **kwargs):
+        output = inner(*args, **kwargs)
         residual = self.last.io.outputs(output)[0] - self.span_input
         branch = self.branch
         if branch in self.previous:
             before_input, before_residual = self.previous[branch]
             self.pairs.append((relative_l1(self.modulated, before_input), relative_l1(residual, before_residual)))
         self.previous[branch] = (self.modulated, residual)
+        return output
 
     def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+        self._undo.close()
 
 
 def min_steps(order: int) -> int:
@@ -122,7 +97,7 @@ def require_steps(steps: int, order: int) -> None:
                           f"{min_steps(order)} steps")
 
 
-def calibrate(pipe, call_kwargs: dict, prompts=PROMPTS, order: int = 4, seed: int = 0) -> tuple[list[float], np.ndarray]:
+def calibrate(pipe, call_kwargs: dict, prompts=PHOTO, order: int = ORDER, seed: int = 0) -> tuple[list[float], np.ndarray]:
     if call_kwargs.get("num_inference_steps") is not None:
         require_steps(call_kwargs["num_inference_steps"], order)
     recorder = DiffRecorder(pipe)
@@ -134,9 +109,6 @@ def calibrate(pipe, call_kwargs: dict, prompts=PROMPTS, order: int = 4, seed: in
         recorder.remove()
     pairs = np.asarray(recorder.pairs)
     return fit_coefficients(pairs, order), pairs
-
-
-ORDER = 4  # TeaCache's published coefficients are order-4 polynomials
 
 
 _prompts_choice = "auto"  # the `prompts=` argument, taken off the command line before Hydra sees it
@@ -155,22 +127,23 @@ def _take_prompts_argument(argv: list[str]) -> str:
     return name
 
 
-def _preflight(cfg: DictConfig) -> None:
-    from accel import doctor
+def _preflight(recipe: Recipe) -> None:
+    adapter = ADAPTERS[recipe.model.architecture]
+    if adapter.modulated_input is None:
+        raise ConfigError(f"model.architecture={adapter.architecture!r}: TeaCache does not apply to it (no "
+                          f"modulated-input probe), so there is nothing to calibrate; the architectures it applies "
+                          f"to: {', '.join(a for a, x in ADAPTERS.items() if x.modulated_input is not None)}")
+    doctor.check(recipe)
+    require_steps(recipe.steps, ORDER)
 
-    doctor.check(cfg)
-    require_steps(cfg.steps or cfg.model.steps, ORDER)
 
-
-def _job(cfg: DictConfig, run_dir: Path) -> None:
-    from accel.job import generation_kwargs
-
-    pipe = load_pipeline(cfg.model, cfg.device)
-    kwargs = generation_kwargs(cfg, pipe)
+def _job(recipe: Recipe, run_dir: Path) -> None:
+    pipe = load_pipeline(recipe.model, recipe.job.device)
+    kwargs = generation_kwargs(recipe, pipe)
     kwargs.pop("prompt")
-    set_name, prompts = prompt_set(_prompts_choice, cfg.model)
+    set_name, prompts = prompt_set(_prompts_choice, recipe.model)
     print(f"accel: calibrating on {len(prompts)} {set_name} prompts, e.g. {prompts[0]!r}")
-    coefficients, pairs = calibrate(pipe, kwargs, prompts=prompts, order=ORDER, seed=cfg.seed)
+    coefficients, pairs = calibrate(pipe, kwargs, prompts=prompts, order=ORDER, seed=recipe.job.seed)
     option = run_dir / "conf" / "cache" / "teacache_calibrated.yaml"
     option.parent.mkdir(parents=True, exist_ok=True)
     fit = np.poly1d(coefficients)(pairs[:, 0])
@@ -178,15 +151,16 @@ def _job(cfg: DictConfig, run_dir: Path) -> None:
     # in the fitted polynomial's units, the published 0.4 means nothing: start where about half the steps cache
     threshold = ModulatedInputDecider(None, 0.0, coefficients).caches_about_half(list(pairs[:, 0]))
     choices = HydraConfig.get().runtime.choices
+    architecture = recipe.model.architecture
     option.write_text(
-        f"# TeaCache coefficients fitted by accel.calibrate on {cfg.model.architecture} (model={choices['model']}, "
+        f"# TeaCache coefficients fitted by accel.calibrate on {architecture} (model={choices['model']}, "
         f"{kwargs['num_inference_steps']} steps, {len(prompts)} {set_name} prompts, {len(pairs)} pairs, "
         f"fit RMS {residual:.4g}).\n"
-        "defaults:\n  - /schema/cache/teacache@_here_\n  - _self_\n"
+        "strategy: teacache\n"
         f"rel_l1_threshold: {threshold:.4g}  # caches about half the steps of the calibration runs; lower for "
         "quality, higher for speed\n"
         f"coefficients: [{', '.join(f'{c:.9g}' for c in coefficients)}]\n"
-        f"fitted_on: {cfg.model.architecture}\n"
+        f"fitted_on: {architecture}\n"
     )
     np.savetxt(run_dir / "calibration_pairs.csv", pairs, delimiter=",", header="input_rel_l1,residual_rel_l1")
     print(f"accel: fitted {len(coefficients)} coefficients on {len(pairs)} pairs (fit RMS {residual:.4g})")
@@ -206,14 +180,12 @@ def _use_command(conf: Path, model: str, steps: int) -> str:
 
 
 def main() -> None:
-    import sys
-
     def take() -> None:
         global _prompts_choice
         _prompts_choice = _take_prompts_argument(sys.argv)
 
-    cli.plain(take)
-    cli.main(_job, _preflight)
+    one_line_errors(take)
+    cli.main(_job, _preflight, task_name="calibrate")
 
 
 if __name__ == "__main__":

@@ -1,201 +1,237 @@
 """How accel's commands run under Hydra, with three rules Hydra alone does not keep:
 
-* Bad input is one line on stderr and exit code 2, before any folder exists: a single run is
-  composed and validated here first (Hydra would print its own multi-line report and exit 1).
-* A run never reuses a folder: the run (or sweep) folder is claimed here, atomically, and a folder
-  that already holds something is never written into (`NAME.1`, `NAME.2`, … instead), however the
-  job was started — Hydra's own replay (`--config-path RUN/.hydra --config-name config`) included.
-* A sweep runs every job it can: a job whose overrides do not compose or validate fails alone, the
-  failed ones are listed at the end, and the exit code is 2.
+* Bad input is one line on stderr and exit code 2, before any folder exists. A single run is composed
+  once, validated into its Recipe and checked by the doctor, then gets its folder and runs through
+  Hydra's own `run_job` (logging, `.hydra/`, callbacks); `--cfg` prints the validated recipe.
+* A run never reuses a folder: the run (or sweep) folder is claimed atomically, also against runs
+  started at the same moment, and a folder that already holds something is never written into
+  (`NAME.1`, `NAME.2`, … instead), however the run was started, Hydra's replay included.
+* A sweep (`-m`) runs every job it can, on whatever Hydra launcher the user chose (basic, joblib,
+  submitit, ray, with their own fields): accel's sweeper checks each job before the launcher gets it,
+  a job that fails fails alone, the summary is written, and the exit code is 2 if any failed.
+
+Under torchrun, only rank 0 claims a folder and speaks; other ranks work in a scratch folder.
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 import tempfile
+import traceback
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Optional
 
-import hydra
-import yaml
-from hydra._internal.utils import get_args_parser
+from hydra._internal.callbacks import Callbacks
+from hydra._internal.hydra import Hydra
+from hydra._internal.utils import create_config_search_path, get_args_parser
+from hydra import version
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException
-from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from hydra.core.utils import run_job
+from hydra.types import HydraContext, RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from accel import resources
-from accel.errors import AccelError
+from accel.config import (COMPOSE_ERRORS, RUN_DIR, clean_hydra_message, prepare_overrides, recipe_of, setup)
+from accel.errors import AccelError, ConfigError, Interrupted
+from accel.parallel.mesh import launched_rank
+from accel.recipe import Recipe
 
-RUN_DIR = "outputs/%Y-%m-%d/%H-%M-%S-%f"  # strftime; to the microsecond, and claimed atomically below
-SWEEP_DIR = "multirun/%Y-%m-%d/%H-%M-%S-%f"
-Task = Callable[[DictConfig, Path], None]  # task(cfg, run_dir); raises AccelError for what a user can fix
-COMPOSE_ERRORS = (HydraException, OmegaConfBaseException, yaml.YAMLError)
-
-_failures: list[str] = []  # what failed in this process, one line each
-failed_jobs: dict[int, tuple[list[str], str]] = {}  # a sweep's failed jobs: number -> (overrides, why)
-_checked = False  # a single run's recipe was validated and checked before its folder was claimed
+Task = Callable[[Recipe, Path], None]  # task(recipe, run_dir); raises AccelError for what a user can fix
+Preflight = Callable[[Recipe], None]  # checks of a validated recipe before its run gets a folder
 
 
-def main(task: Task, preflight: Optional[Callable[[DictConfig], None]] = None) -> None:
-    """Run `task` as a Hydra app under the rules above. `preflight(cfg)` adds checks of a validated
-    recipe that must pass before a single run gets its folder (e.g. the model's size multiple)."""
-    from accel.config import setup
+def say(message: str) -> None:
+    """A line on stderr, from rank 0 alone under torchrun (every rank knows the same thing)."""
+    if launched_rank() == 0:
+        print(message, file=sys.stderr, flush=True)
 
+
+def main(task: Task, preflight: Optional[Preflight] = None, task_name: str = "accel") -> None:
+    """Run `task` as a Hydra app under the rules above."""
     args = get_args_parser().parse_args()
-    try:
+    if args.help or args.hydra_help or args.info or args.shell_completion or args.experimental_rerun:
+        import hydra
+
         setup()
-        if not (args.help or args.hydra_help or args.info or args.shell_completion or args.experimental_rerun):
-            _prepare(args, preflight)
+        hydra.main(config_path=str(resources.conf_dir()), config_name="accel", version_base="1.3")(lambda cfg: None)()
+        return
+    try:
+        failed = _run(args, task, preflight, task_name)
     except AccelError as err:
-        _exit_with(f"accel: error: {err}")
-    hydra.main(config_path=str(resources.conf_dir()), config_name="accel", version_base="1.3")(
-        lambda cfg: _run_task(task, cfg, preflight))()
-    if len(_failures) > 1 or (_failures and HydraConfig.initialized() and _is_sweep()):
-        _exit_with(f"accel: {len(_failures)} job(s) failed:\n" + "\n".join(f"  {line}" for line in _failures))
-    if _failures:
+        say(f"accel: error: {err}")
+        sys.exit(2)
+    except Interrupted as err:
+        say(f"accel: {err}")
+        sys.exit(130)
+    if failed:
+        say(f"accel: {len(failed)} job(s) failed:\n" + "\n".join(f"  {line}" for line in failed))
         sys.exit(2)
 
 
-def plain(command: Callable[[], None]) -> None:
-    """Run a command that is not a Hydra app (`accel.list`) under the same rule for bad input."""
-    try:
-        command()
-    except AccelError as err:
-        _exit_with(f"accel: error: {err}")
-
-
-def _exit_with(message: str) -> None:
-    print(message, file=sys.stderr)
-    sys.exit(2)
-
-
-def _is_sweep() -> bool:
-    return HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def _prepare(args, preflight) -> None:
-    """Validate a single run and claim its folder; claim a sweep's folder. Rewrites sys.argv."""
-    from accel.config import compose_raw, validate
-
-    global _checked
-    config_dir = None
-    if args.config_path:  # Hydra's replay: make a path relative to here absolute, as users mean it
+def _run(args, task: Task, preflight: Optional[Preflight], task_name: str) -> list[str]:
+    setup()
+    if args.multirun and args.cfg:
+        raise ConfigError(f"--cfg {args.cfg} prints the recipe of one run, and -m runs a sweep: drop -m (with one "
+                          "value per field) to see a job's recipe")
+    config_dir, config_name = str(resources.conf_dir()), args.config_name or "accel"
+    if args.config_path:  # Hydra's replay (--config-path RUN/.hydra --config-name config)
         config_dir = str(Path(args.config_path).expanduser().resolve())
         if not Path(config_dir).is_dir():
             raise AccelError(f"--config-path {args.config_path}: no such folder")
-        _replace_argument(args.config_path, config_dir)
-    overrides = list(args.overrides)
+    overrides = prepare_overrides(args.overrides, sweep=args.multirun)
     if args.config_dir:
         overrides.append(f"hydra.searchpath=[file://{Path(args.config_dir).resolve()}]")
-    config_name = args.config_name or "accel"
+    version.setbase("1.3")  # Hydra's defaults of 1.3 (no chdir into the run folder), as hydra.main(version_base=)
+    hydra = Hydra.create_main_hydra2(task_name=task_name, config_search_path=create_config_search_path(config_dir))
     if args.multirun:
-        # only the folder is settled here; each job is composed and validated when it runs
-        plain = [o for o in overrides if o.startswith("hydra.") and "," not in o]
-        cfg = compose_raw(plain, config_dir=config_dir, config_name=config_name)
-        _set_folder("hydra.sweep.dir", _folder_of_this_rank(Path(cfg.hydra.sweep.dir)))
-        return
-    cfg = compose_raw(overrides, config_dir=config_dir, config_name=config_name)
-    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-    validate(job)
+        job = SweepJob(task, preflight)
+        result = _compose(lambda: hydra.multirun(config_name=config_name, task_function=job, overrides=overrides))
+        return [outcome.line() for outcome in getattr(result, "failures", [])]
+    cfg = _compose(lambda: hydra.compose_config(config_name, overrides, run_mode=RunMode.RUN,
+                                                with_log_configuration=True))
+    recipe = recipe_of(cfg, overrides, complete=config_name == "accel")
     if args.cfg:
-        return
+        _print_cfg(args.cfg, cfg, recipe)
+        return []
+    for note in recipe.notes:
+        say(f"accel: note: {note}")
     if preflight is not None:
-        preflight(job)
-    _checked = True
-    run_dir = cfg.hydra.run.dir
-    if config_name != "accel" and not any(o.startswith("hydra.run.dir=") for o in overrides):
-        run_dir = datetime.now().strftime(RUN_DIR)  # another primary config (a replay): still our folders
-    _set_folder("hydra.run.dir", _folder_of_this_rank(Path(run_dir)))
+        preflight(recipe)
+    run_dir = _run_folder(cfg, replay=config_name != "accel" and not any(o.startswith("hydra.run.dir=")
+                                                                         for o in overrides))
+    _single_run(hydra, cfg, recipe, run_dir, task)
+    return []
 
 
-def _replace_argument(old: str, new: str) -> None:
-    sys.argv = [new if a == old else (a.replace(old, new, 1) if a.startswith("--config-path=") else a)
-                for a in sys.argv]
+def _compose(compose: Callable):
+    try:
+        return compose()
+    except COMPOSE_ERRORS as err:
+        raise ConfigError(clean_hydra_message(err)) from None
 
 
-def _set_folder(key: str, folder: Path) -> None:
-    quoted = "'" + str(folder).replace("\\", "\\\\").replace("'", "\\'") + "'"
-    sys.argv = [a for a in sys.argv if not a.startswith(f"{key}=")] + [f"{key}={quoted}"]
+def _print_cfg(what: str, cfg: DictConfig, recipe: Recipe) -> None:
+    if what in ("job", "all"):
+        print(OmegaConf.to_yaml(recipe.to_dict()), end="")
+    if what in ("hydra", "all"):
+        print(OmegaConf.to_yaml({"hydra": OmegaConf.to_container(cfg.hydra)}), end="")
 
 
-def _folder_of_this_rank(path: Path) -> Path:
+def _run_folder(cfg: DictConfig, replay: bool) -> Path:
     """Rank 0 (or a single process) claims the run folder; other ranks of a torchrun job work in a
     scratch folder that the job removes, so only rank 0 writes next to the user's outputs."""
-    from accel.parallel.mesh import launched_rank
+    if launched_rank() != 0:
+        with open_dict(cfg.hydra):
+            cfg.hydra.output_subdir = None
+        return Path(tempfile.mkdtemp(prefix=f"accel-rank{launched_rank()}-"))
+    # a replay composes another primary config, with Hydra's own folder pattern: it still gets ours
+    pattern = datetime.now().strftime(RUN_DIR) if replay else cfg.hydra.run.dir
+    return claim_folder(Path(pattern).absolute(), marker=cfg.hydra.output_subdir or ".hydra")
 
-    if launched_rank() == 0:
-        return claim_folder(path)
-    sys.argv.append("hydra.output_subdir=null")
-    return Path(tempfile.mkdtemp(prefix=f"accel-rank{launched_rank()}-"))
+
+def _single_run(hydra: Hydra, cfg: DictConfig, recipe: Recipe, run_dir: Path, task: Task) -> None:
+    """Hydra's run (logging, `.hydra/` with the validated recipe as `config.yaml`, callbacks) on the
+    config composed once, in the folder claimed for it."""
+    with read_write(cfg), open_dict(cfg):
+        cfg.hydra.run.dir = str(run_dir)
+        cfg.hydra.mode = RunMode.RUN
+        for key in [k for k in cfg if k != "hydra"]:
+            del cfg[key]
+        cfg.merge_with(recipe.to_dict())
+    say(f"accel: run folder {run_dir}")
+    callbacks = Callbacks(cfg)
+    callbacks.on_run_start(config=cfg, config_name=cfg.hydra.job.config_name)
+    ret = run_job(hydra_context=HydraContext(config_loader=hydra.config_loader, callbacks=callbacks),
+                  task_function=lambda _: task(recipe, run_dir), config=cfg, job_dir_key="hydra.run.dir",
+                  job_subdir_key=None)
+    callbacks.on_run_end(config=cfg, config_name=cfg.hydra.job.config_name, job_return=ret)
+    ret.return_value  # the task's exception, if it raised one
 
 
-def claim_folder(path: Path) -> Path:
-    """A new folder at `path`, or at `path.1`, `path.2`, … when `path` already holds something."""
+def claim_folder(path: Path, marker: str = ".hydra") -> Path:
+    """A new folder at `path`, or at `path.1`, `path.2`, … when `path` holds something. Claiming is atomic:
+    a folder is this process's once it made it, or made `marker` in it while it was empty (a `.../` name
+    ending in a file, `marker.yaml`, is created as a file), so runs started together never share one."""
     candidate, n = path, 0
     while True:
         try:
             candidate.mkdir(parents=True)
+            _make_marker(candidate / marker)
             return candidate
         except FileExistsError:
-            if candidate.is_dir() and not any(candidate.iterdir()):
-                return candidate
-            n += 1
-            candidate = path.with_name(f"{path.name}.{n}")
+            try:
+                if candidate.is_dir() and not any(candidate.iterdir()):
+                    _make_marker(candidate / marker)  # raises FileExistsError if another run got here first
+                    return candidate
+            except FileExistsError:
+                pass
+        except OSError as err:
+            raise AccelError(f"cannot create the run folder {candidate}: {err.strerror or err}; set hydra.run.dir "
+                             "(or hydra.sweep.dir, tune.dir) to a folder you can write") from None
+        n += 1
+        candidate = path.with_name(f"{path.name}.{n}")
 
 
-def _run_task(task: Task, cfg: DictConfig, preflight) -> None:
-    from accel.config import validate
-
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    job = (hydra_cfg.job.num, list(hydra_cfg.overrides.task)) if _is_sweep() else None
-    if job:
-        print(f"accel: job {job_label(*job)}")
-    try:
-        if job or not _checked:  # sweep jobs are composed by Hydra and checked here, one by one
-            validate(cfg)
-            if preflight is not None:
-                preflight(cfg)
-    except AccelError as err:
-        _discard(run_dir)
-        record_failure(err, job)
-        return
-    try:
-        task(cfg, run_dir)
-    except AccelError as err:
-        record_failure(err, job)
-    except Exception as err:  # noqa: BLE001
-        if not job:
-            raise
-        # in a sweep, a job that crashed fails alone, its traceback in its folder, and the sweep goes on
-        import traceback
-
-        (run_dir / "traceback.txt").write_text("".join(traceback.format_exception(err)))
-        first_line = (str(err).splitlines() or [""])[0]
-        record_failure(AccelError(f"{type(err).__name__}: {first_line} (traceback: {run_dir / 'traceback.txt'})"), job)
-
-
-def job_label(num: int, overrides: list[str]) -> str:
-    return f"#{num} ({' '.join(overrides)})"
-
-
-def record_failure(err: Exception, job: Optional[tuple[int, list[str]]] = None) -> None:
-    """Print a failure and keep it for the end of the run (and a sweep's summary)."""
-    message = str(err)
-    if job:
-        failed_jobs[job[0]] = (job[1], message.splitlines()[0])
-        line = f"{job_label(*job)}: {message}"
-        _failures.append(line.splitlines()[0])
+def _make_marker(path: Path) -> None:
+    if path.suffix:
+        path.open("x").close()
     else:
-        line = message
-        _failures.append(line)
-    print(f"accel: error: {line}", file=sys.stderr)
+        path.mkdir()
 
 
-def _discard(run_dir: Path) -> None:
+# -- sweeps -------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class JobOutcome:
+    """How one job of a sweep ended (picklable: launchers bring it back from other processes)."""
+
+    num: Optional[int]
+    overrides: list[str]
+    error: Optional[str] = None  # the first line of why it failed; None if it ran
+
+    def label(self) -> str:
+        return (f"#{self.num} " if self.num is not None else "") + f"({' '.join(self.overrides)})"
+
+    def line(self) -> str:
+        return f"{self.label()}: {self.error}"
+
+
+class SweepJob:
+    """The task function of a sweep's jobs, wherever the launcher runs them: a job that fails returns why
+    (its traceback in its folder), so one failure never ends the sweep. `check` is what accel's sweeper
+    asks of each job before launching it."""
+
+    def __init__(self, task: Task, preflight: Optional[Preflight]):
+        self.task, self.preflight = task, preflight
+
+    def check(self, cfg: DictConfig, overrides: list[str]) -> Recipe:
+        recipe = recipe_of(cfg, overrides)
+        if self.preflight is not None:
+            self.preflight(recipe)
+        return recipe
+
+    def __call__(self, cfg: DictConfig) -> JobOutcome:
+        hydra_cfg = HydraConfig.get()
+        run_dir = Path(hydra_cfg.runtime.output_dir)
+        outcome = JobOutcome(hydra_cfg.job.num, list(hydra_cfg.overrides.task))
+        print(f"accel: job {outcome.label()}", flush=True)
+        try:
+            checked = hydra_cfg.sweeper._target_.endswith("EveryJobSweeper")  # accel's sweeper checked it already
+            recipe = recipe_of(cfg, outcome.overrides) if checked else self.check(cfg, outcome.overrides)
+            self.task(recipe, run_dir)
+        except AccelError as err:
+            outcome.error = str(err).splitlines()[0]
+        except Exception as err:  # noqa: BLE001  a crash fails this job alone, its traceback in its folder
+            (run_dir / "traceback.txt").write_text("".join(traceback.format_exception(err)))
+            outcome.error = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]} (traceback: {run_dir / 'traceback.txt'})"
+        if outcome.error:
+            print(f"accel: error: {outcome.line()}", file=sys.stderr, flush=True)
+        return outcome
+
+
+def discard(run_dir: Path) -> None:
     """Remove a folder that holds only what Hydra wrote for a job that never started."""
     shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
     for log in run_dir.glob("*.log"):
@@ -205,3 +241,9 @@ def _discard(run_dir: Path) -> None:
         run_dir.rmdir()
     except OSError:
         pass
+
+
+def quoted(value: str) -> str:
+    """A path as a quoted override value."""
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+

@@ -3,23 +3,34 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from types import SimpleNamespace
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from accel.models.adapters import BlockAdapter, for_pipeline
+from accel.parallel.mesh import Mesh
+
+
+def relative_l1(now: torch.Tensor, before: torch.Tensor) -> float:
+    """mean|now − before| / mean|before|, the distance every cache in the field uses."""
+    return ((now - before).abs().mean() / before.abs().mean().clamp_min(1e-12)).item()
 
 
 @dataclass
 class ApplyContext:
-    """The pipeline a recipe is applied to, its architecture adapter, the device it runs on, the
-    device mesh (once the parallel stage made one), and the handles of the stages applied so far."""
+    """The pipeline a recipe is applied to, its architecture adapter, the device it runs on, the device
+    mesh the caller built (None for one process), and the handles of the stages applied so far.
+
+    `distance` and `cfg_branch` are what the parallel stage tells a cache applied after it: how to
+    measure a distance over every rank's tokens, and which CFG branch the running call is (None: count
+    the calls of a step)."""
 
     pipe: Any
     device: torch.device
+    mesh: Optional[Mesh] = None
     applied: list[tuple[str, str, Any]] = field(default_factory=list)  # (stage, strategy, handle)
-    mesh: Any = None
+    distance: Callable[[torch.Tensor, torch.Tensor], float] = relative_l1
+    cfg_branch: Optional[Callable[[], Optional[int]]] = None
 
     @functools.cached_property
     def adapter(self) -> BlockAdapter:
@@ -29,10 +40,6 @@ class ApplyContext:
     @property
     def denoiser(self) -> torch.nn.Module:
         return self.adapter.denoiser(self.pipe)
-
-    def handle(self, stage: str) -> Optional[Any]:
-        """The handle of the strategy applied at `stage`, if one is."""
-        return next((handle for s, _, handle in self.applied if s == stage), None)
 
 
 @dataclass
@@ -53,7 +60,3 @@ class AppliedFacts:
     @property
     def configs(self) -> dict[str, Any]:
         return {"denoiser": dict(self.ctx.denoiser.config)}
-
-    @property
-    def stages(self) -> dict[str, Any]:
-        return {stage: SimpleNamespace(strategy=name) for stage, name, _ in self.ctx.applied}

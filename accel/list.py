@@ -5,8 +5,9 @@ import shutil
 import textwrap
 from pathlib import Path
 
+import accel.strategies  # noqa: F401  every strategy registered
 from accel import registry, resources
-from accel.config import setup
+from accel.errors import one_line_errors
 
 
 def _recipe_summary(path: Path) -> str:
@@ -32,16 +33,16 @@ def group_options(group: str) -> list[str]:
 
 
 def overview() -> str:
-    """Recipes, group options and strategies (the registry must be set up: `accel.config.setup()`)."""
+    """Recipes (users' folders first: they take precedence), group options and strategies."""
     width = min(shutil.get_terminal_size((100, 20)).columns, 110)
     out = ["Recipes (recipe=NAME):"]
-    for folder in [resources.recipes_dir(), *resources.user_recipe_dirs()]:
+    for folder in [*resources.user_recipe_dirs(), resources.recipes_dir()]:
         out += [_entry(p.stem, _recipe_summary(p), width) for p in sorted(folder.glob("*.yaml"))]
     out += ["", "Config groups (GROUP=OPTION):"]
     for group in ("model", *registry.STAGES):
         out.append(_entry(group, ", ".join(group_options(group)), width))
     out += ["", "Strategies, in the order apply runs their stages:"]
-    for strategy in registry.all_strategies():
+    for strategy in registry.strategies():
         if strategy.name != "none":
             summary = strategy.doc.split("\n\n")[0].replace("\n", " ")
             out.append(_entry(f"{strategy.stage}={strategy.name}", summary, width))
@@ -49,11 +50,8 @@ def overview() -> str:
 
 
 def main() -> None:
-    setup()
     print(overview())
 
 
 if __name__ == "__main__":
-    from accel import cli
-
-    cli.plain(main)
+    one_line_errors(main)

@@ -100,7 +100,7 @@ def flicker(output, reference) -> float:
 def task_accuracy(output, prompts: Optional[Sequence[str]]) -> float:
     """The toy shape task's accuracy of the output images (model=flux_toy): the fraction that show the
     shape, colour and position their prompt asks for, by `accel.toy.checker`."""
-    from accel.toy import checker, shapes
+    from accel.toy import checker, shapes  # scikit-image's regions: loaded when a toy task is scored
 
     output = np.asarray(output)
     if output.ndim != 4:

@@ -7,6 +7,7 @@ the `recipe` group of its own search-path entry through a small ConfigSource.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import List, Optional
 
 from hydra._internal.core_plugins.file_config_source import FileConfigSource
@@ -15,9 +16,9 @@ from hydra.core.object_type import ObjectType
 from hydra.core.plugins import Plugins
 from hydra.plugins.config_source import ConfigLoadError, ConfigResult
 from hydra.plugins.search_path_plugin import SearchPathPlugin
-from omegaconf import DictConfig, ListConfig
 
 from accel import resources
+from accel.recipe import find_code
 
 GROUP = "recipe"
 
@@ -41,15 +42,20 @@ class RecipeFolderSource(FileConfigSource):
         if inner is None:
             raise ConfigLoadError(f"Config not found : {config_path}")
         result = super().load_config(inner)
+        name = inner.removesuffix(".yaml")
+        where = f"{self.path}/{name}.yaml"
+        if not result.config and not result.header.get("defaults"):
+            raise ConfigLoadError(f"recipe '{name}' ({where}) is empty: a recipe picks group options in its "
+                                  "defaults list and sets fields (README: Recipes)")
         # A recipe speaks about the whole config (`cache.…`, `steps`), not about a `recipe` node.
         if result.header.get("package") is None:
             result.header["package"] = "_global_"
-        target = find_target(result.config)
-        if target is not None:
+        found = find_code(result.config)
+        if found is not None:
             raise ConfigLoadError(
-                f"recipe '{inner.removesuffix('.yaml')}' ({self.path}) sets `_target_` at '{target}': recipes are "
-                "shared data and cannot name code to import; choose strategies by their registered "
-                "names (`python -m accel.list` shows them)"
+                f"recipe '{name}' ({where}): {found}: recipes are shared data and cannot name code to import or "
+                "call, nor read the environment or files; write values themselves, and choose strategies by their "
+                "registered names (`python -m accel.list` shows them)"
             )
         return result
 
@@ -71,30 +77,23 @@ class RecipeFolderSource(FileConfigSource):
         return sorted(f[: -len(".yaml")] for f in os.listdir(self.path) if f.endswith(".yaml"))
 
 
-def find_target(node, path: str = "") -> Optional[str]:
-    """The path of the first `_target_` key in a config, if any: recipes may not name code."""
-    if isinstance(node, DictConfig):
-        for key in node.keys():
-            where = f"{path}.{key}" if path else str(key)
-            if key == "_target_":
-                return where
-            found = find_target(node._get_node(key), where)
-            if found:
-                return found
-    elif isinstance(node, ListConfig):
-        for i in range(len(node)):
-            found = find_target(node._get_node(i), f"{path}[{i}]")
-            if found:
-                return found
-    return None
+def recipe_folders() -> list[Path]:
+    """Where `recipe=NAME` is looked up, first match first: the users' folders (ACCEL_RECIPES, in order),
+    then the shipped recipes, so a user's recipe of the same name as a shipped one is the one that runs."""
+    return [*resources.user_recipe_dirs(), resources.recipes_dir()]
+
+
+def recipe_file(name: str) -> tuple[Optional[Path], list[Path]]:
+    """The file `recipe=NAME` composes from, and the files of the same name it takes precedence over."""
+    found = [folder / f"{name}.yaml" for folder in recipe_folders() if (folder / f"{name}.yaml").is_file()]
+    return (found[0], found[1:]) if found else (None, [])
 
 
 class AccelSearchPath(SearchPathPlugin):
     """Adds the shipped recipes, then every folder named in ACCEL_RECIPES."""
 
     def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
-        folders = [resources.recipes_dir(), *resources.user_recipe_dirs()]
-        for folder in folders:
+        for folder in recipe_folders():
             search_path.append("accel", f"accel-recipes://{folder}")
 
 

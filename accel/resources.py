@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from accel.errors import ConfigError
+
 _PACKAGE = Path(__file__).resolve().parent
 _PACKAGED = _PACKAGE / "_conf"  # what the wheel carries (see pyproject's force-include)
 _CHECKOUT = _PACKAGE.parent  # an editable install or a plain checkout
@@ -23,8 +25,6 @@ def recipes_dir() -> Path:
 
 def user_recipe_dirs() -> list[Path]:
     """Folders of users' own recipes, from ACCEL_RECIPES (os.pathsep-separated); each must be a folder."""
-    from accel.errors import ConfigError
-
     value = os.environ.get("ACCEL_RECIPES", "")
     folders = [Path(p).expanduser().resolve() for p in value.split(os.pathsep) if p]
     for folder in folders:

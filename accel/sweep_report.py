@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import html
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,8 +67,6 @@ class Job:
 def collect(sweep_dir: Path, failures: dict[int, tuple[list[str], str]]) -> list[Job]:
     """Every job of the sweep: those with a folder (report.json, .hydra/overrides.yaml) and those
     that failed before they had one (`failures`: job number → (overrides, error))."""
-    import json
-
     jobs = {num: Job(num, overrides, error=error) for num, (overrides, error) in failures.items()}
     for folder in sweep_dir.iterdir():
         if not (folder.is_dir() and folder.name.isdigit()):
@@ -84,7 +83,7 @@ def collect(sweep_dir: Path, failures: dict[int, tuple[list[str], str]]) -> list
     return [jobs[num] for num in sorted(jobs)]
 
 
-COLUMNS = ("job", "settings", "status", "per_image_s", "baseline_s", "speedup", "computed", "cached",
+COLUMNS = ("job", "settings", "status", "per_image_s", "baseline_s", "speedup", "measurable", "computed", "cached",
            "psnr_db", "ssim", "task_accuracy", "stopped")
 
 
@@ -97,7 +96,8 @@ def rows(jobs: list[Job]) -> list[dict[str, Any]]:
         table.append({
             "job": job.num, "settings": job.settings(keys), "status": "failed" if job.failed else "ok",
             "per_image_s": job.per_image_s(), "baseline_s": base.get("timings", {}).get("per_image_s"),
-            "speedup": base.get("speedup"), "computed": cache.get("computed"), "cached": cache.get("cached"),
+            "speedup": base.get("speedup"), "measurable": base.get("measurable"),
+            "computed": cache.get("computed"), "cached": cache.get("cached"),
             "psnr_db": job.quality("psnr"), "ssim": job.quality("ssim"),
             "task_accuracy": job.quality("task_accuracy"), "stopped": job.why(),
         })
@@ -128,6 +128,8 @@ def write_tables(table: list[dict], sweep_dir: Path, common: str) -> None:
         cells = [_cell(row[c]).replace("|", "\\|") for c in COLUMNS]
         if row["status"] == "failed":
             cells[2] = "**FAILED**"
+        if row["measurable"] is False:
+            cells[COLUMNS.index("speedup")] += " (no measurable difference)"
         lines.append("| " + " | ".join(cells) + " |")
     (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
 
@@ -148,20 +150,40 @@ def _plotting():
     return plt
 
 
+def _compared(jobs: list[Job]) -> list[Job]:
+    return [j for j in jobs if not j.failed and j.baseline().get("speedup") is not None
+            and j.quality("psnr") is not None]
+
+
+def _point(job: Job, ceiling: float) -> tuple[float, float]:
+    return job.baseline()["speedup"], min(job.quality("psnr"), ceiling)
+
+
+def front_of(jobs: list[Job], ceiling: float = math.inf) -> list[Job]:
+    """The jobs on the Pareto front of speedup against PSNR, by speedup. A speedup whose timing ranges
+    overlap the baseline's is noise, not a speedup: such a job is never on the front."""
+    real = [j for j in _compared(jobs) if j.baseline().get("measurable", True)]
+    return [real[i] for i in pareto_front([_point(j, ceiling) for j in real])]
+
+
 def plot_tradeoff(jobs: list[Job], path: Path) -> Optional[str]:
     """Speedup against PSNR, the Pareto front joined. Returns why there is no plot, when there is none."""
-    measured = [j for j in jobs if not j.failed and j.baseline().get("speedup") is not None
-                and j.quality("psnr") is not None]
+    measured = _compared(jobs)
     if not measured:
         return "no job compared against its baseline: sweep with compare=true for speed against quality"
     plt = _plotting()
     finite = [j.quality("psnr") for j in measured if math.isfinite(j.quality("psnr"))]
     ceiling = (max(finite) if finite else 40.0) + 5  # identical outputs (inf dB) are drawn above the rest
-    points = [(j.baseline()["speedup"], min(j.quality("psnr"), ceiling)) for j in measured]
+    points = [_point(j, ceiling) for j in measured]
+    noise = [p for j, p in zip(measured, points) if not j.baseline().get("measurable", True)]
+    real = [p for j, p in zip(measured, points) if j.baseline().get("measurable", True)]
     figure, axes = plt.subplots(figsize=(7, 5))
-    axes.scatter([p[0] for p in points], [p[1] for p in points], color="tab:blue", zorder=2)
-    front = pareto_front(points)
-    axes.plot([points[i][0] for i in front], [points[i][1] for i in front], color="tab:red", marker="o",
+    axes.scatter([p[0] for p in real], [p[1] for p in real], color="tab:blue", zorder=2)
+    if noise:
+        axes.scatter([p[0] for p in noise], [p[1] for p in noise], facecolors="none", edgecolors="grey", zorder=2,
+                     label="no measurable difference (timing ranges overlap)")
+    front = [_point(j, ceiling) for j in front_of(jobs, ceiling)]
+    axes.plot([p[0] for p in front], [p[1] for p in front], color="tab:red", marker="o",
               markerfacecolor="none", markersize=11, zorder=1, label="Pareto front")
     for job, (x, y) in zip(measured, points):
         axes.annotate(f"#{job.num}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -320,6 +342,14 @@ Every job: <code>{html.escape(common)}</code></p>
 """)
 
 
+def read_failures(sweep_dir: Path) -> dict[int, tuple[list[str], str]]:
+    """The failed jobs accel's sweeper wrote down (hydra_plugins/accel_sweep.py): number -> (overrides, why)."""
+    path = sweep_dir / "failed_jobs.json"
+    if not path.exists():
+        return {}
+    return {f["num"]: (f["overrides"], f["error"]) for f in json.loads(path.read_text()) if f["num"] is not None}
+
+
 def write(sweep_dir: Path, failures: dict[int, tuple[list[str], str]]) -> list[Job]:
     """Write the whole summary into `sweep_dir`; returns the jobs it read."""
     jobs = collect(sweep_dir, failures)
@@ -343,13 +373,11 @@ class SweepReport(Callback):
     a lost sweep: every job's own folder is already written)."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        from accel import cli
-
         sweep_dir = Path(str(config.hydra.sweep.dir))
         if not sweep_dir.is_dir():
             return
         try:
-            jobs = write(sweep_dir, cli.failed_jobs)
+            jobs = write(sweep_dir, read_failures(sweep_dir))
         except Exception as err:  # noqa: BLE001  the jobs' results are already safe in their folders
             print(f"accel: the sweep summary could not be written: {type(err).__name__}: {err}")
             return

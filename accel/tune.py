@@ -25,13 +25,24 @@ import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import OmegaConf
 
-from accel import cli
-from accel.errors import ConfigError, require
+from accel import metrics, registry
+from accel import report as reports
+from accel.api import apply, load_pipeline
+from accel.cli import claim_folder
+from accel.config import compose
+from accel.doctor import check as doctor_check
+from accel.errors import ConfigError, one_line_errors, require
+from accel.job import generation_kwargs, quiet_loading, timed_generation, write_replay_recipe
+from accel.prompts import prompt_set
+from accel.models.adapters import for_pipeline
+from accel.models.loading import resolve_device
+from accel.recipe import Recipe
 from accel.schema import to_dataclass
+from accel.strategies.cache_controls import CacheControls
 
 TUNE_DIR = "tune/%Y-%m-%d/%H-%M-%S-%f"
 NOT_MET = 3  # exit code: no setting met the target (the best found is written)
@@ -48,11 +59,12 @@ class Target:
 
     def __post_init__(self):
         chosen = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
-        require(len(chosen) == 1, "target", ", ".join(f"target.{c}" for c in chosen) or "none",
+        require(len(chosen) == 1, "one of", ", ".join(f"target.{c}" for c in chosen) or "none",
                 "exactly one of target.min_psnr=DB, target.speedup=X or target.accuracy=A")
-        require(self.min_psnr is None or self.min_psnr > 0, "target.min_psnr", self.min_psnr, "> 0 dB")
-        require(self.speedup is None or self.speedup > 0, "target.speedup", self.speedup, "> 0")
-        require(self.accuracy is None or 0 <= self.accuracy <= 1, "target.accuracy", self.accuracy, "0 to 1")
+        require(self.min_psnr is None or self.min_psnr > 0, "min_psnr", self.min_psnr, "> 0 dB")
+        require(self.speedup is None or self.speedup > 1, "speedup", self.speedup,
+                "> 1: the uncached model already runs at 1x, so a lower target asks for nothing")
+        require(self.accuracy is None or 0 <= self.accuracy <= 1, "accuracy", self.accuracy, "0 to 1")
 
     @property
     def name(self) -> str:
@@ -67,12 +79,18 @@ class Target:
                 "accuracy": f"task accuracy >= {self.value:g}"}[self.name]
 
 
+def searchable_kinds() -> list[str]:
+    """The cache kinds that declare a search space (accel.strategies.cache_controls)."""
+    return [s.name for s in registry.strategies("cache") if issubclass(s.config_cls, CacheControls)
+            and s.config_cls.search_space is not CacheControls.search_space]
+
+
 @dataclass
 class Search:
     """How to search."""
 
     trials: int = 24
-    kinds: list[str] = field(default_factory=lambda: ["fbcache", "mbcache", "teacache"])
+    kinds: Optional[list[str]] = None  # null: every cache kind that declares a search space
     forecast: bool = True  # also try Taylor forecasting (order 1 and 2)
     prompts: str = "auto"  # a prompt set of accel.calibrate: auto, photo or toy
     prompt_count: int = 3
@@ -81,49 +99,25 @@ class Search:
     dir: Optional[str] = None  # output folder; null: tune/DATE/TIME
 
     def __post_init__(self):
-        require(self.trials >= 1, "tune.trials", self.trials, ">= 1")
+        kinds = searchable_kinds()
+        if self.kinds is None:
+            self.kinds = kinds
+        require(self.trials >= 1, "trials", self.trials, ">= 1")
         for kind in self.kinds:
-            require(kind in SPACES, "tune.kinds", kind, f"a list of {', '.join(SPACES)}")
-        require(len(self.kinds) >= 1, "tune.kinds", self.kinds, f"a non-empty list of {', '.join(SPACES)}")
-        require(self.prompt_count >= 1, "tune.prompt_count", self.prompt_count, ">= 1")
-        require(self.rounds >= 1, "tune.rounds", self.rounds, ">= 1")
+            require(kind in kinds, "kinds", kind, f"a list of {', '.join(kinds)}")
+        require(len(self.kinds) >= 1, "kinds", self.kinds, f"a non-empty list of {', '.join(kinds)}")
+        require(self.prompt_count >= 1, "prompt_count", self.prompt_count, ">= 1")
+        require(self.rounds >= 1, "rounds", self.rounds, ">= 1")
 
 
-# The search space of each cache kind: trial -> the cache node it proposes. Block counts bound Fn/Bn.
-def _fbcache(trial, blocks: int) -> dict:
-    return {"strategy": "fbcache",
-            "residual_diff_threshold": trial.suggest_float("fbcache.residual_diff_threshold", 0.02, 0.6, log=True)}
+def cache_config(cache: dict) -> CacheControls:
+    return registry.build_config("cache", cache)[0]
 
 
-def _mbcache(trial, blocks: int) -> dict:
-    first = trial.suggest_int("mbcache.first_blocks", 1, max(1, min(8, blocks - 1)))
-    last = trial.suggest_int("mbcache.last_blocks", 0, max(0, min(4, blocks - 1 - first)))
-    return {"strategy": "mbcache", "first_blocks": first, "last_blocks": last,
-            "residual_diff_threshold": trial.suggest_float("mbcache.residual_diff_threshold", 0.02, 0.6, log=True)}
-
-
-def _teacache(trial, blocks: int) -> dict:
-    return {"strategy": "teacache",
-            "rel_l1_threshold": trial.suggest_float("teacache.rel_l1_threshold", 0.1, 2.0, log=True)}
-
-
-@dataclass(frozen=True)
-class Kind:
-    """A cache kind the search covers: what a trial proposes, and how many blocks a hit still runs."""
-
-    propose: Callable[[Any, int], dict]
-    blocks_on_hit: Callable[[dict], int]
-
-
-SPACES: dict[str, Kind] = {
-    "fbcache": Kind(_fbcache, lambda cache: 1),  # the probe block
-    "mbcache": Kind(_mbcache, lambda cache: cache["first_blocks"] + cache["last_blocks"]),
-    "teacache": Kind(_teacache, lambda cache: 0),  # its probe is block 0's input modulation alone
-}
 def block_work_speedup(cache: dict, computed: int, calls: int, blocks: int) -> float:
     """The baseline's block evaluations over those of `cache`, whose computed calls run every block
     and whose hits run the blocks its kind still needs."""
-    blocks_run = computed * blocks + (calls - computed) * SPACES[cache["strategy"]].blocks_on_hit(cache)
+    blocks_run = computed * blocks + (calls - computed) * cache_config(cache).blocks_on_hit()
     return calls * blocks / max(blocks_run, 1)
 
 
@@ -169,11 +163,9 @@ def _short(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def prompts_for(cfg: DictConfig, search: Search, target: Target) -> tuple[str, list[str]]:
+def prompts_for(recipe: Recipe, search: Search, target: Target) -> tuple[str, list[str]]:
     """The prompt set and the prompts a tune measures; refuses an accuracy target off the toy task."""
-    from accel.calibrate import prompt_set
-
-    name, prompts = prompt_set(search.prompts, cfg.model)
+    name, prompts = prompt_set(search.prompts, recipe.model)
     if target.name == "accuracy" and name != "toy":
         raise ConfigError(f"target.accuracy={target.value} is not allowed here: task accuracy is scored on "
                           f"the toy shapes task (model=flux_toy), and these are the {name} prompts")
@@ -183,48 +175,38 @@ def prompts_for(cfg: DictConfig, search: Search, target: Target) -> tuple[str, l
 class Tuner:
     """The pipeline, its prompts and their baselines, and one measured evaluation per setting."""
 
-    def __init__(self, cfg: DictConfig, search: Search, target: Target):
-        from accel.job import quiet_loading, generation_kwargs
-        from accel.models.adapters import for_pipeline
-        from accel.models.loading import load_pipeline, resolve_device
-
-        self.cfg, self.search, self.target = cfg, search, target
-        self.prompt_set, self.prompts = prompts_for(cfg, search, target)
-        self.device = resolve_device(cfg.device)
+    def __init__(self, recipe: Recipe, search: Search, target: Target):
+        self.base, self.search, self.target = recipe, search, target
+        self.prompt_set, self.prompts = prompts_for(recipe, search, target)
+        self.device = resolve_device(recipe.job.device)
         quiet_loading()
-        self.pipe = load_pipeline(cfg.model, cfg.device)
+        self.pipe = load_pipeline(recipe.model, recipe.job.device)
         self.pipe.set_progress_bar_config(disable=True)
         adapter = for_pipeline(self.pipe)
         self.blocks = len(adapter.blocks(adapter.denoiser(self.pipe)))
-        self.kwargs = generation_kwargs(cfg, self.pipe)
-        self.warm_each = cfg.compile.strategy != "none"  # a compiled setting's first call compiles
+        self.kwargs = generation_kwargs(recipe, self.pipe)
+        self.warm_each = recipe.compile.strategy != "none"  # a compiled setting's first call compiles
         self.baseline_recipe = self.recipe({"strategy": "none"})
         self.references, self.baseline_s = self.measure_baseline()
 
-    def recipe(self, cache: dict) -> dict:
+    def recipe(self, cache: dict) -> Recipe:
         """The user's recipe with `cache` in place of its cache stage."""
-        from accel import registry
-
-        stages = {stage: OmegaConf.to_container(self.cfg[stage], resolve=True) for stage in registry.STAGES}
-        return {**stages, "cache": cache}
+        return self.base.replace(cache=cache_config(cache))
 
     def generate(self, prompt: str):
-        from accel.job import timed_generation
-
-        images, seconds, _ = timed_generation(self.pipe, {**self.kwargs, "prompt": prompt}, self.cfg.seed, self.device)
+        images, seconds, _ = timed_generation(self.pipe, {**self.kwargs, "prompt": prompt}, self.base.job.seed,
+                                              self.device)
         return images, seconds
 
-    def run_prompt(self, recipe: dict, prompt: str) -> tuple[Any, float, dict]:
+    def run_prompt(self, recipe: Recipe, prompt: str) -> tuple[Any, float, dict]:
         """One generation of `prompt` under `recipe`: images, seconds, the cache's stats."""
-        import accel
-
-        with accel.apply(self.pipe, recipe) as run:
+        with apply(self.pipe, recipe) as run:
             if self.warm_each:
                 self.generate(prompt)
             images, seconds = self.generate(prompt)
             return images, seconds, run.stats().get("cache", {})
 
-    def run_prompts(self, recipe: dict) -> list[tuple[Any, float, dict]]:
+    def run_prompts(self, recipe: Recipe) -> list[tuple[Any, float, dict]]:
         """Every prompt once under `recipe`: (images, seconds, cache stats) each."""
         return [self.run_prompt(recipe, prompt) for prompt in self.prompts]
 
@@ -237,8 +219,6 @@ class Tuner:
     def evaluate(self, cache: dict) -> Evidence:
         """`cache` over the prompts. Ranked by the block evaluations it saves, which noise on a busy
         machine cannot blur into a no-op looking fast; its seconds are kept beside that."""
-        from accel import metrics
-
         runs = self.run_prompts(self.recipe(cache))
         names = ["psnr", "ssim"] + (["task_accuracy"] if self.prompt_set == "toy" else [])
         figures = [metrics.metrics(names, images, ref, prompts=p) for (images, _, _), ref, p in
@@ -251,11 +231,9 @@ class Tuner:
                         work_speedup=block_work_speedup(cache, computed, calls, self.blocks))
 
     def baseline_accuracy(self) -> Optional[float]:
-        from accel.metrics import task_accuracy
-
         if self.prompt_set != "toy":
             return None
-        return statistics.mean(task_accuracy(ref, p) for ref, p in zip(self.references, self.prompts))
+        return statistics.mean(metrics.task_accuracy(ref, p) for ref, p in zip(self.references, self.prompts))
 
     def verify(self, cache: dict) -> dict:
         """The chosen setting against the baseline in interleaved rounds: median speedup and its range."""
@@ -269,8 +247,10 @@ class Tuner:
 
 
 def search(tuner: Tuner, trials_file: Path) -> list[Evidence]:
-    """Optuna's TPE over SPACES, constrained to the target; every trial lands in `trials_file` as it ends."""
+    """Optuna's TPE over the kinds' own search spaces, constrained to the target; every trial lands in
+    `trials_file` as it ends, and a bar counts the trials."""
     import optuna
+    from tqdm.auto import tqdm
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     settings, target = tuner.search, tuner.target
@@ -278,7 +258,7 @@ def search(tuner: Tuner, trials_file: Path) -> list[Evidence]:
 
     def objective(trial) -> float:
         kind = trial.suggest_categorical("kind", settings.kinds)
-        cache = SPACES[kind].propose(trial, tuner.blocks)
+        cache = {"strategy": kind, **registry.get("cache", kind).config_cls.search_space(trial, tuner.blocks)}
         if settings.forecast:
             cache.update(FORECASTS[trial.suggest_categorical("forecast", list(FORECASTS))])
         found = tuner.evaluate(cache)
@@ -286,7 +266,8 @@ def search(tuner: Tuner, trials_file: Path) -> list[Evidence]:
         write_trials(evidence, target, trials_file)
         trial.set_constraint("target", found.violation(target))  # feasible at <= 0: TPE learns the boundary
         mark = "meets" if found.violation(target) <= 0 else "misses"
-        print(f"  trial {trial.number + 1:>2}/{settings.trials}: {found.describe()}  [{mark} the target]", flush=True)
+        bar.write(f"  trial {trial.number + 1:>2}/{settings.trials}: {found.describe()}  [{mark} the target]")
+        bar.update()
         return found.objective(target)
 
     with warnings.catch_warnings():  # multivariate/group TPE is marked experimental; it models the
@@ -294,17 +275,20 @@ def search(tuner: Tuner, trials_file: Path) -> list[Evidence]:
         sampler = optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=min(10, settings.trials),
                                              multivariate=True, group=True)
     study = optuna.create_study(direction="maximize", sampler=sampler)
-    study.optimize(objective, n_trials=settings.trials)
+    with tqdm(total=settings.trials, desc="accel.tune trials", leave=False) as bar:
+        study.optimize(objective, n_trials=settings.trials)
     return evidence
 
 
 def choose(evidence: list[Evidence], target: Target) -> tuple[Evidence, bool]:
-    """The best setting that meets the target, or else the one that came closest; and whether it met it."""
-    met = [e for e in evidence if e.violation(target) <= 0]
+    """The best setting that meets the target and caches something, or else the one that came closest;
+    and whether it met it. A setting that caches nothing is the uncached model, not a tuned result."""
+    caching = [e for e in evidence if e.computed < e.calls] or evidence
+    met = [e for e in caching if e.violation(target) <= 0 and e.computed < e.calls]
     if met:
         # the best objective; among equals, the one that computes least
         return max(met, key=lambda e: (e.objective(target), -e.computed)), True
-    return min(evidence, key=lambda e: e.violation(target)), False
+    return min(caching, key=lambda e: e.violation(target)), False
 
 
 def write_trials(evidence: list[Evidence], target: Target, path: Path) -> None:
@@ -321,9 +305,7 @@ def write_trials(evidence: list[Evidence], target: Target, path: Path) -> None:
 
 
 def evidence_header(tuner: Tuner, chosen: Evidence, verdict: str, verified: dict, command: str) -> list[str]:
-    from accel import report
-
-    environment = report.environment(tuner.device)
+    environment = reports.environment(tuner.device)
     psnr = ", ".join("inf" if math.isinf(p) else f"{p:.2f}" for p in chosen.psnr)
     lines = [
         f"Tuned by: {command}",
@@ -332,7 +314,7 @@ def evidence_header(tuner: Tuner, chosen: Evidence, verdict: str, verified: dict
         f"Target: {tuner.target.describe()}: {verdict}",
         f"Search: {tuner.search.trials} Optuna TPE trials (seed {tuner.search.seed}) over "
         f"{', '.join(tuner.search.kinds)}" + (", with and without Taylor forecasting" if tuner.search.forecast else ""),
-        f"Prompts ({tuner.prompt_set}, seed {tuner.cfg.seed}): " + " | ".join(tuner.prompts),
+        f"Prompts ({tuner.prompt_set}, seed {tuner.base.job.seed}): " + " | ".join(tuner.prompts),
         f"Chosen: {chosen.describe()}",
         f"Speedup re-measured in {verified['rounds']} interleaved rounds: {verified['speedup']:.2f}x "
         f"(range {verified['range'][0]:.2f}-{verified['range'][1]:.2f}x; baseline {verified['baseline_s']:.3f} s, "
@@ -345,27 +327,33 @@ def evidence_header(tuner: Tuner, chosen: Evidence, verdict: str, verified: dict
     return lines
 
 
-def tune(cfg: DictConfig, search_settings: Search, target: Target, command: str) -> int:
-    from accel.job import write_replay_recipe
-    from accel.registry import build_config
+def verdict_of(chosen: Evidence, met: bool, target: Target, verified: dict, uncached_meets: bool) -> tuple[bool, str]:
+    """Whether the target was met, as measured, and what to say about it. A setting that caches nothing
+    is never the answer: it is the uncached model."""
+    if not met:
+        uncached = " (the uncached model meets it, caching nothing)" if uncached_meets else ""
+        caches = "; the closest found caches nothing" if chosen.computed == chosen.calls else ", this is the closest found"
+        return False, f"NOT MET by any setting tried that caches a step{uncached}{caches}"
+    if target.name == "speedup" and verified["speedup"] < target.value:
+        return False, (f"NOT MET as measured: it saves {chosen.work_speedup:.2f}x of the block work, "
+                       f"but the whole generation ran {verified['speedup']:.2f}x faster")
+    return True, "MET"
 
-    folder = cli.claim_folder(Path(search_settings.dir or datetime.now().strftime(TUNE_DIR)))
+
+def tune(recipe: Recipe, search_settings: Search, target: Target, command: str) -> int:
+    folder = claim_folder(Path(search_settings.dir or datetime.now().strftime(TUNE_DIR)), marker="trials.csv")
     print(f"accel.tune: {target.describe()}; {search_settings.trials} trials; folder {folder}", flush=True)
-    tuner = Tuner(cfg, search_settings, target)
+    tuner = Tuner(recipe, search_settings, target)
     print(f"  baseline: {tuner.baseline_s:.3f} s over {len(tuner.prompts)} prompts ({tuner.prompt_set})", flush=True)
     evidence = search(tuner, folder / "trials.csv")
     chosen, met = choose(evidence, target)
     verified = tuner.verify(chosen.cache)
-    verdict = "MET" if met else "NOT MET by any setting tried; this is the closest found"
-    if met and target.name == "speedup" and verified["speedup"] < target.value:
-        met, verdict = False, (f"NOT MET as measured: it saves {chosen.work_speedup:.2f}x of the block work, "
-                               f"but the whole generation ran {verified['speedup']:.2f}x faster")
-    cache = dataclasses.asdict(build_config("cache", chosen.cache))
-    tuned = cfg.copy()
-    with open_dict(tuned):
-        tuned.cache = cache
+    uncached_meets = target.name == "min_psnr" or (target.name == "accuracy" and
+                                                   tuner.baseline_accuracy() >= target.value)
+    met, verdict = verdict_of(chosen, met, target, verified, uncached_meets)
     path = folder / "tuned.yaml"
-    write_replay_recipe(tuned, path, header=evidence_header(tuner, chosen, verdict, verified, command))
+    write_replay_recipe(tuner.recipe(chosen.cache), path,
+                        header=evidence_header(tuner, chosen, verdict, verified, command))
     print(f"accel.tune: {'chosen' if met else 'THE TARGET WAS NOT MET (' + verdict + ')'}: {chosen.describe()}")
     print(f"  re-measured: {verified['speedup']:.2f}x (range {verified['range'][0]:.2f}-{verified['range'][1]:.2f}x "
           f"over {verified['rounds']} interleaved rounds)")
@@ -384,7 +372,7 @@ def parse(argv: list[str]) -> tuple[list[str], Search, Target]:
     for group, dotlist in ours.items():
         try:
             nodes[group] = OmegaConf.to_container(OmegaConf.from_dotlist([a.split(".", 1)[1] for a in dotlist]))
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001  OmegaConf's grammar errors, as one line
             raise ConfigError(f"{group}: {str(err).splitlines()[0]}") from None
     search_settings = to_dataclass(Search, nodes["tune"], where="tune.", label="tune")
     if "target" not in {a.split(".", 1)[0] for a in argv}:
@@ -401,17 +389,14 @@ def main() -> None:
     outcome = {}
 
     def run() -> None:
-        from accel.config import compose
-        from accel import doctor
-
         overrides, search_settings, target = parse(argv)
-        cfg = compose(None, overrides)
-        doctor.check(cfg)
-        prompts_for(cfg, search_settings, target)  # before any folder or weights
+        recipe = compose(None, overrides)
+        doctor_check(recipe)
+        prompts_for(recipe, search_settings, target)  # before any folder or weights
         command = "python -m accel.tune " + " ".join(argv)
-        outcome["code"] = tune(cfg, search_settings, target, command)
+        outcome["code"] = tune(recipe, search_settings, target, command)
 
-    cli.plain(run)
+    one_line_errors(run)
     sys.exit(outcome.get("code", 0))
 
 

@@ -5,7 +5,7 @@ with and without Taylor, and TeaCache with and without Taylor, with the publishe
 with coefficients calibrated on flux_toy.
 
 The calibration runs first, in this process, as `python -m accel.calibrate model=flux_toy` does: the
-six toy prompts of accel.calibrate.toy_prompts, none of which is measured here. The calibrated polynomial
+six toy prompts of accel.prompts.toy_prompts, none of which is measured here. The calibrated polynomial
 predicts the stack's residual change in the same units as the published one, but flux_toy's steps are
 far smaller than the published polynomial says, so its thresholds are lower (0.1-0.25 rather than
 0.25-0.8), each chosen to compute about as many steps as a published one, where their quality compares.
@@ -29,6 +29,8 @@ import torch
 
 import accel
 from accel import calibrate
+from accel.prompts import toy_prompts
+from accel.strategies.teacache import ORDER
 from accel.metrics import metrics, task_accuracy
 from accel.models.adapters import ADAPTERS
 from accel.toy.shapes import Scene
@@ -40,7 +42,7 @@ PROMPTS = tuple(Scene(*words).prompt for words in (
     ("square", "blue", "large", "top", "right"), ("circle", "green", "small", "bottom", "center"),
     ("triangle", "green", "large", "middle", "left"), ("square", "yellow", "small", "top", "center"),
     ("circle", "blue", "small", "middle", "right"), ("triangle", "red", "small", "bottom", "left")))
-assert not set(PROMPTS) & set(calibrate.toy_prompts())
+assert not set(PROMPTS) & set(toy_prompts())
 
 FB_THRESHOLDS = (0.08, 0.16, 0.3)  # 0.08: the shipped default (published FLUX range 0.08-0.12)
 TEA_PUBLISHED = (0.25, 0.4, 0.6, 0.8)  # 0.25-0.6: the published FLUX thresholds (1.5x, 1.8x, 2.0x on FLUX.1-dev)
@@ -100,8 +102,8 @@ def main() -> None:
     prompts = PROMPTS[:args.prompts]
 
     published = list(ADAPTERS[cfg.model.architecture].teacache_coefficients(pipe.transformer.config))
-    calibration_prompts = calibrate.toy_prompts()
-    calibrated, pairs = calibrate.calibrate(pipe, size, prompts=calibration_prompts, order=calibrate.ORDER)
+    calibration_prompts = toy_prompts()
+    calibrated, pairs = calibrate.calibrate(pipe, size, prompts=calibration_prompts, order=ORDER)
     table = variants(published, calibrated)
 
     generate = lambda prompt: timed(pipe, {**size, "prompt": prompt})  # noqa: E731

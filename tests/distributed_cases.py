@@ -48,6 +48,7 @@ def run_case(pipes: dict, name: str) -> dict:
     with accel.apply(pipe, stages) as run:
         reference = generate(pipe, **options)
         reference_hits = run.stats().get("cache", {}).get("hit_map")
+        reference_diffs = run.stats().get("cache", {}).get("diffs")
     torch._dynamo.reset()
     with accel.apply(pipe, {**stages, "parallel": {"strategy": "mesh", **degrees}}) as run:
         output = generate(pipe, **options)
@@ -55,6 +56,7 @@ def run_case(pipes: dict, name: str) -> dict:
     torch._dynamo.reset()
     seen = {"max_abs_diff": (output - reference).abs().max().item(), "reference_hits": reference_hits,
             "hits": stats.get("cache", {}).get("hit_map"), "parallel": stats["parallel"],
+            "reference_diffs": reference_diffs, "diffs": stats.get("cache", {}).get("diffs"),
             "graph_breaks": stats.get("compile", {}).get("graph_breaks")}
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, seen)

@@ -10,7 +10,7 @@ import accel
 from accel.context import ApplyContext
 from accel.models.adapters import for_pipeline
 from accel.strategies.fbcache import FBCacheConfig, apply_fbcache
-from tests.helpers import generate, tiny_pipeline
+from tests.helpers import IDENTITY, generate, tiny_pipeline
 
 MODELS = ["flux_tiny", "sd35_tiny", "sdxl_tiny", "wan_tiny", "hunyuan_video_tiny"]
 VIDEO = dict(height=32, width=32, num_frames=5)
@@ -212,7 +212,7 @@ def test_teacache_without_coefficients_or_probe_says_what_to_do():
     sd3 = tiny_pipeline("sd35_tiny")
     with pytest.raises(AccelError, match="no published TeaCache coefficients.*accel.calibrate"):
         accel.apply(sd3, {"cache": {"strategy": "teacache"}})
-    with accel.apply(sd3, {"cache": {"strategy": "teacache", "coefficients": [1.0, 0.0]}}) as applied:
+    with accel.apply(sd3, {"cache": {"strategy": "teacache", "coefficients": IDENTITY}}) as applied:
         assert applied.stats()["cache"]["strategy"] == "teacache"
     sdxl = tiny_pipeline("sdxl_tiny")
     with pytest.raises(AccelError, match="modulated-input probe"):

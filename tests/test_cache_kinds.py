@@ -9,7 +9,7 @@ import torch
 
 import accel
 from accel.errors import AccelError, ConfigError
-from tests.helpers import STEPS, CallCounter, flux_blocks, generate
+from tests.helpers import IDENTITY, STEPS, CallCounter, flux_blocks, generate
 
 ALWAYS = 1e9
 
@@ -64,14 +64,14 @@ def test_teacache_always_computes_first_and_last_step(pipe):
 
 def test_teacache_uses_given_coefficients(pipe):
     # a zero polynomial never accumulates, so even a minute threshold hits
-    _, stats = run_cache(pipe, strategy="teacache", rel_l1_threshold=1e-12, coefficients=[0.0, 0.0])
+    _, stats = run_cache(pipe, strategy="teacache", rel_l1_threshold=1e-12, coefficients=[0.0] * 5)
     assert stats["cached"] == STEPS - 2
-    _, stats = run_cache(pipe, strategy="teacache", rel_l1_threshold=1e-12, coefficients=[1.0, 0.0])
+    _, stats = run_cache(pipe, strategy="teacache", rel_l1_threshold=1e-12, coefficients=IDENTITY)
     assert stats["cached"] == 0
 
 
 def test_teacache_resets_its_accumulated_distance_after_a_full_step(pipe):
-    identity = dict(strategy="teacache", coefficients=[1.0, 0.0])  # rescale(d) = d
+    identity = dict(strategy="teacache", coefficients=IDENTITY)  # rescale(d) = d
     _, probe = run_cache(pipe, rel_l1_threshold=0.0, **identity)
     threshold = 2.5 * statistics.median(d for d in probe["diffs"][0] if d is not None)
     _, stats = run_cache(pipe, rel_l1_threshold=threshold, **identity)
@@ -87,6 +87,32 @@ def test_teacache_resets_its_accumulated_distance_after_a_full_step(pipe):
         accumulated = 0.0
     assert stats["hit_map"] == [expected]
     assert re.search("HC+H", expected), expected  # hits again after a full step
+
+
+def test_teacaches_distance_is_always_to_the_previous_steps_modulated_input(pipe):
+    """TeaCache compares consecutive steps, hits included (its accumulated sum carries the drift across
+    them): each reported distance against the modulated inputs a hook of the test's own recorded."""
+    from accel.models.adapters import for_pipeline
+
+    adapter = for_pipeline(pipe)
+    first = adapter.blocks(pipe.transformer)[0]
+    modulated = []
+
+    def record(module, args, kwargs):
+        modulated.append(adapter.modulated_input(module, first, args, kwargs))
+
+    handle = first.module.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        _, stats = run_cache(pipe, strategy="teacache", rel_l1_threshold=ALWAYS, max_consecutive_hits=2)
+    finally:
+        handle.remove()
+    hit_map, diffs = stats["hit_map"][0], stats["diffs"][0]
+    assert "HH" in hit_map and len(modulated) == STEPS
+    measured = [(step, d) for step, d in enumerate(diffs) if d is not None]
+    assert len(measured) >= STEPS // 2
+    for step, distance in measured:
+        expected = ((modulated[step] - modulated[step - 1]).abs().mean() / modulated[step - 1].abs().mean()).item()
+        assert distance == pytest.approx(expected, rel=1e-6), (step, hit_map)
 
 
 def test_teacache_threshold_must_be_non_negative():
@@ -166,6 +192,8 @@ def test_calibration_fits_a_polynomial_from_input_change_to_residual_change(pipe
     assert pairs.shape == (2 * 4, 2) and (pairs >= 0).all()
 
 
-def test_coefficients_fitted_on_another_architecture_warn(pipe):
-    with pytest.warns(UserWarning, match="fitted on sd3.*this is a flux model"):
-        accel.apply(pipe, {"cache": {"strategy": "teacache", "coefficients": [1.0, 0.0], "fitted_on": "sd3"}}).remove()
+def test_coefficients_fitted_on_another_architecture_warn_in_one_line(pipe, caplog):
+    with caplog.at_level("WARNING", logger="accel"):
+        accel.apply(pipe, {"cache": {"strategy": "teacache", "coefficients": IDENTITY, "fitted_on": "sd3"}}).remove()
+    [record] = [r for r in caplog.records if r.name == "accel"]
+    assert re.search("fitted on sd3.*this is a flux model", record.getMessage()) and "\n" not in record.getMessage()

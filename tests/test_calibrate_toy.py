@@ -5,13 +5,17 @@ import os
 import subprocess
 import sys
 
+from types import SimpleNamespace as Model
+
 import pytest
 
-from accel.calibrate import PROMPTS, _take_prompts_argument, prompt_set, toy_prompts
+from accel.calibrate import _take_prompts_argument
 from accel.errors import ConfigError
+from accel.prompts import PHOTO as PROMPTS
+from accel.prompts import prompt_set, toy_prompts
 from accel.toy import shapes
 
-TOY_MODEL = {"architecture": "flux", "source": "packaged", "pretrained": "flux_toy"}
+TOY_MODEL = Model(architecture="flux", source="packaged", pretrained="flux_toy")
 
 
 def run_calibrate(*args, cwd):
@@ -24,10 +28,10 @@ def test_auto_takes_the_toy_prompts_for_flux_toy_and_photo_prompts_elsewhere():
     name, prompts = prompt_set("auto", TOY_MODEL)
     assert name == "toy" and prompts == toy_prompts() and len(set(prompts)) == len(prompts) >= 4
     assert all(shapes.parse(p) for p in prompts)  # every one a prompt of the toy set
-    assert prompt_set("auto", {"architecture": "flux", "source": "tiny"}) == ("photo", PROMPTS)
-    assert prompt_set("auto", {"source": "pretrained", "pretrained": "flux_toy"}) == ("photo", PROMPTS)
+    assert prompt_set("auto", Model(architecture="flux", source="tiny")) == ("photo", PROMPTS)
+    assert prompt_set("auto", Model(source="pretrained", pretrained="flux_toy")) == ("photo", PROMPTS)
     assert prompt_set("photo", TOY_MODEL) == ("photo", PROMPTS)
-    assert prompt_set("toy", {"source": "tiny"}) == ("toy", toy_prompts())
+    assert prompt_set("toy", Model(source="tiny")) == ("toy", toy_prompts())
 
 
 def test_the_prompts_argument_is_taken_off_the_command_line():

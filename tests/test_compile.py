@@ -78,7 +78,28 @@ def test_dynamic_shapes_cost_at_most_one_recompile_per_block_class_across_sizes(
         generate(pipe, height=48, width=32)
         after = run.stats()["compile"]["graphs"]
     classes = len({type(b) for b in flux_blocks(pipe)})
+    assert first >= classes  # something compiled: at least a graph per block class
     assert after - first <= classes
+
+
+def test_graph_breaks_are_counted_where_fullgraph_lets_them_happen(pipe, monkeypatch):
+    """A block whose computation breaks the graph: with fullgraph=false the report counts the breaks,
+    with fullgraph=true compiling it fails instead of running slowly."""
+    norm = flux_blocks(pipe)[0].norm1
+    own = norm.forward
+
+    def breaking(*args, **kwargs):
+        torch._dynamo.graph_break()
+        return own(*args, **kwargs)
+
+    monkeypatch.setattr(norm, "forward", breaking)
+    with accel.apply(pipe, {"compile": {**COMPILE, "fullgraph": False}}) as run:
+        generate(pipe, num_inference_steps=1)
+        assert run.stats()["compile"]["graph_breaks"] >= 1
+    torch._dynamo.reset()
+    with accel.apply(pipe, {"compile": COMPILE}):
+        with pytest.raises(Exception, match="graph_break|Call to `torch._dynamo.graph_break"):
+            generate(pipe, num_inference_steps=1)
 
 
 def test_a_lora_loaded_after_compile_takes_effect_and_its_recompiles_are_counted():
@@ -104,7 +125,6 @@ def test_a_lora_loaded_after_compile_takes_effect_and_its_recompiles_are_counted
 
 
 @pytest.mark.parametrize("overrides, fragment", [
-    (["compile.scope=full", "cache=fbcache"], "scope='full' is not allowed with cache=fbcache"),
     (["compile.mode=reduce-overhead"], "mode='reduce-overhead' is not allowed on cpu"),
 ])
 def test_the_doctor_refuses_what_cannot_work_here(overrides, fragment):
@@ -118,6 +138,8 @@ def test_the_doctor_refuses_what_cannot_work_here(overrides, fragment):
     (["compile.backend=warp"], "compile.backend='warp' is not allowed"),
     (["compile.mode=max-autotune", "compile.options={max_autotune:true}"], "compile.options"),
     (["compile.scope=everything"], "compile.scope='everything'"),
+    # declared by the strategies themselves (registry traits), checked once the recipe is whole
+    (["compile.scope=full", "cache=fbcache"], "compile=torch cannot run with cache=fbcache: scope='full'"),
 ])
 def test_bad_compile_settings_fail_at_compose(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):
@@ -125,7 +147,7 @@ def test_bad_compile_settings_fail_at_compose(overrides, fragment):
 
 
 def test_full_scope_with_a_cache_is_refused_at_apply_too(pipe):
-    with pytest.raises(AccelError, match="scope='full' is not allowed with cache=fbcache"):
+    with pytest.raises(AccelError, match="compile=torch cannot run with cache=fbcache: scope='full' compiles the whole"):
         accel.apply(pipe, {"cache": CACHES[0], "compile": {**COMPILE, "scope": "full"}})
     assert all("forward" not in b.__dict__ for b in flux_blocks(pipe))
 
@@ -133,9 +155,8 @@ def test_full_scope_with_a_cache_is_refused_at_apply_too(pipe):
 def test_every_stage_together_with_inductor_and_remove_gives_the_baseline_back(pipe, baseline):
     """cache × compile(blocks, inductor) × quant(int8) × attention, as recipes/flux_fast composes them."""
     fast = accel.compose("flux_fast", ["model=flux_tiny"])
-    off = OmegaConf.merge(fast, {"cache": {"residual_diff_threshold": 0.0}})
-    uncached = OmegaConf.merge(fast, {"cache": {"strategy": "none"}})
-    uncached = {stage: uncached[stage] for stage in ("quant", "attention", "compile")}
+    off = fast.replace(cache={"residual_diff_threshold": 0.0})
+    uncached = fast.replace(cache={"strategy": "none"})
     with accel.apply(pipe, uncached):
         reference = generate(pipe)
     with accel.apply(pipe, off) as run:
@@ -144,7 +165,7 @@ def test_every_stage_together_with_inductor_and_remove_gives_the_baseline_back(p
     assert stats["compile"]["graph_breaks"] == 0 and stats["quant"]["layers_quantized"] > 0
     assert stats["cache"]["cached"] == 0
     torch.testing.assert_close(out, reference, rtol=0, atol=1e-5)  # the cache's layer adds nothing at 0
-    with accel.apply(pipe, OmegaConf.merge(fast, {"cache": {"residual_diff_threshold": 0.3}})) as run:
+    with accel.apply(pipe, fast.replace(cache={"residual_diff_threshold": 0.3})) as run:
         generate(pipe)
         assert run.stats()["cache"]["cached"] > 0
     assert torch.equal(generate(pipe), baseline)

@@ -7,6 +7,7 @@ from omegaconf import OmegaConf
 import accel
 from accel import registry
 from accel.errors import ConfigError
+from accel.recipe import Recipe
 
 
 def test_recipe_picks_group_options_and_command_line_overrides_fields():
@@ -14,7 +15,7 @@ def test_recipe_picks_group_options_and_command_line_overrides_fields():
     assert cfg.model.architecture == "flux" and cfg.model.source == "tiny"
     assert cfg.cache.strategy == "fbcache"
     assert cfg.cache.residual_diff_threshold == 0.1
-    assert cfg.seed == 7
+    assert cfg.job.seed == 7
     assert cfg.compile.strategy == "none" and cfg.parallel.strategy == "mesh" and cfg.parallel.ulysses == 1
 
 
@@ -34,7 +35,7 @@ def test_a_recipe_can_switch_cache_kind_from_the_command_line():
         ("no_such_recipe", [], ["recipe/no_such_recipe", "flux_fbcache"]),
         ("flux_fbcache", ["cache=no_such_cache"], ["cache/no_such_cache", "fbcache", "none"]),
         ("flux_fbcache", ["model=no_such_model"], ["model/no_such_model", "flux_tiny"]),
-        ("flux_fbcache", ["cache.no_such_key=1"], ["no_such_key", "FBCacheConfig"]),
+        ("flux_fbcache", ["cache.no_such_key=1"], ["no_such_key"]),
         ("flux_fbcache", ["cache.residual_diff_threshold=fast"], ["fast", "cache.residual_diff_threshold"]),
         ("flux_fbcache", ["cache.residual_diff_threshold=-0.1"], ["cache.residual_diff_threshold=-0.1", ">= 0"]),
         ("flux_fbcache", ["cache.start=0.6", "cache.end=0.4"], ["cache.start=0.6", "below end=0.4"]),
@@ -48,7 +49,7 @@ def test_a_recipe_can_switch_cache_kind_from_the_command_line():
         ("flux_fbcache", ["+sed=1"], ["sed is not a field", "seed"]),
         # `~key` removes a field: refused, not silently back at its default
         ("flux_fbcache", ["~prompt"], ["prompt cannot be removed"]),
-        ("flux_fbcache", ["~cache.start"], ["~cache.start", "does not support deletion"]),
+        ("flux_fbcache", ["~cache.start"], ["cache.start cannot be removed"]),
         ("flux_fbcache", ["num_frames=5"], ["num_frames=5", "flux makes images"]),
         ("flux_fbcache", ["model.num_frames=5"], ["model.num_frames=5", "flux makes images"]),
     ],
@@ -73,7 +74,7 @@ def test_users_recipe_folders_join_the_search_path(tmp_path, monkeypatch):
     """))
     monkeypatch.setenv("ACCEL_RECIPES", str(tmp_path))
     cfg = accel.compose("my_fast_flux")
-    assert cfg.cache.residual_diff_threshold == 0.2 and cfg.steps == 12 and cfg.model.source == "tiny"
+    assert cfg.cache.residual_diff_threshold == 0.2 and cfg.job.steps == 12 and cfg.model.source == "tiny"
 
 
 def test_a_recipe_naming_code_to_import_is_refused(tmp_path, monkeypatch):
@@ -102,18 +103,21 @@ def test_every_stage_has_a_none_option_and_stages_run_in_documented_order():
 
 
 def test_plain_dict_configs_are_validated_like_recipes():
-    assert registry.build_config("cache", {"strategy": "fbcache", "residual_diff_threshold": 0.2}).residual_diff_threshold == 0.2
+    def build(node):
+        return registry.build_config("cache", node)[0]
+
+    assert build({"strategy": "fbcache", "residual_diff_threshold": 0.2}).residual_diff_threshold == 0.2
     with pytest.raises(ConfigError, match="cache.*residual_diff_threshold"):
-        registry.build_config("cache", {"strategy": "fbcache", "residual_diff_threshold": -1})
+        build({"strategy": "fbcache", "residual_diff_threshold": -1})
     with pytest.raises(ConfigError, match="fbcache"):
-        registry.build_config("cache", {"strategy": "warp_drive"})
+        build({"strategy": "warp_drive"})
     with pytest.raises(ConfigError, match="bogus"):
-        registry.build_config("cache", {"strategy": "fbcache", "bogus": 1})
+        build({"strategy": "fbcache", "bogus": 1})
 
 
-def test_composed_recipe_round_trips_through_yaml():
+def test_a_recipes_data_round_trips_through_yaml():
     cfg = accel.compose("flux_fbcache", ["model=flux_tiny"])
-    assert OmegaConf.create(OmegaConf.to_yaml(cfg)) == cfg
+    assert Recipe.from_dict(OmegaConf.to_container(OmegaConf.create(OmegaConf.to_yaml(cfg.to_dict())))) == cfg
 
 
 def test_overrides_given_as_one_string_say_what_is_expected():
@@ -122,22 +126,19 @@ def test_overrides_given_as_one_string_say_what_is_expected():
 
 
 def test_every_stage_of_the_registry_is_in_every_composed_recipe_and_every_strategy_is_an_option():
-    from accel.config import AccelConfig
-    from dataclasses import fields
-
     cfg = accel.compose("flux_fbcache")
-    assert all(stage in cfg and stage in {f.name for f in fields(AccelConfig)} for stage in registry.STAGES)
-    for strategy in registry.all_strategies():
+    assert list(cfg.stages()) == list(registry.STAGES)
+    for strategy in registry.strategies():
         chosen = accel.compose(None, [f"{strategy.stage}={strategy.name}"])
-        assert chosen[strategy.stage].strategy == strategy.name
+        assert getattr(chosen, strategy.stage).strategy == strategy.name
 
 
 def test_replay_recipes_name_every_stage(tmp_path, monkeypatch):
     from accel.job import write_replay_recipe
 
-    cfg = accel.compose("flux_teacache", ["model=flux_tiny", "cache.coefficients=[1.0,0.5]"])
+    cfg = accel.compose("flux_teacache", ["model=flux_tiny", "cache.coefficients=[0,0,0,1.0,0.5]"])
     write_replay_recipe(cfg, tmp_path / "recipe.yaml")
     text = (tmp_path / "recipe.yaml").read_text()
-    assert all(f"override /{stage}: {cfg[stage].strategy}" in text for stage in registry.STAGES)
+    assert all(f"override /{stage}: {config.strategy}" in text for stage, config in cfg.stages().items())
     monkeypatch.setenv("ACCEL_RECIPES", str(tmp_path))
     assert accel.compose("recipe") == cfg

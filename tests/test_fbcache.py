@@ -1,4 +1,6 @@
 """First Block Cache on the tiny FLUX pipeline: exactness, hit accounting, per-call state, CFG, removal."""
+import math
+
 import pytest
 import torch
 
@@ -53,6 +55,49 @@ def test_the_reported_distance_is_block_zeros_residual_change_and_decides_the_hi
         with accel.apply(pipe, cache_recipe(residual_diff_threshold=threshold)) as run:
             generate(pipe)
             assert run.stats()["cache"]["hit_map"][0][:2] == "C" + step1, threshold
+
+
+def test_a_threshold_equal_to_a_measured_distance_does_not_hit(pipe):
+    """The rule is distance < threshold: set the threshold to a distance the cache measured, exactly,
+    and that step computes; the next float above it, and it is a hit."""
+    with accel.apply(pipe, cache_recipe(residual_diff_threshold=0.0)) as run:
+        generate(pipe)
+        diffs = run.stats()["cache"]["diffs"][0]
+    step = min((d, k) for k, d in enumerate(diffs) if d is not None)[1]  # every earlier distance is larger
+    for threshold, expected in ((diffs[step], "C"), (math.nextafter(diffs[step], math.inf), "H")):
+        with accel.apply(pipe, cache_recipe(residual_diff_threshold=threshold)) as run:
+            generate(pipe)
+            stats = run.stats()["cache"]
+        assert stats["hit_map"][0][:step] == "C" * step and stats["diffs"][0][step] == diffs[step]
+        assert stats["hit_map"][0][step] == expected, (threshold, stats["hit_map"])
+
+
+def test_each_distance_is_to_the_last_fully_computed_step(pipe):
+    """Checked against block 0's residuals recorded by a hook of the test's own: with two hits in a row,
+    the second is measured against the step before the first, not against the hit before it."""
+    residuals = []
+
+    def record(module, args, kwargs, output):  # FLUX blocks take keywords and return (encoder, hidden)
+        residuals.append(output[1] - kwargs["hidden_states"])
+
+    handle = flux_blocks(pipe)[0].register_forward_hook(record, with_kwargs=True)
+    try:
+        with accel.apply(pipe, cache_recipe(residual_diff_threshold=ALWAYS, max_consecutive_hits=2)) as run:
+            generate(pipe)
+            stats = run.stats()["cache"]
+    finally:
+        handle.remove()
+    hit_map, diffs = stats["hit_map"][0], stats["diffs"][0]
+    assert "HH" in hit_map and len(residuals) == STEPS
+    last_computed, checked = None, 0
+    for step, (hit, distance) in enumerate(zip(hit_map, diffs)):
+        if distance is not None:
+            expected = relative_l1(residuals[step], residuals[last_computed])
+            assert distance == pytest.approx(expected, rel=1e-6), step
+            checked += 1
+        if hit == "C":
+            last_computed = step
+    assert checked >= STEPS // 2
 
 
 def test_a_hit_skips_every_block_after_the_first(pipe):

@@ -46,6 +46,14 @@ def four_ranks(tmp_path_factory):
     return run_cases(tmp_path_factory, 4, FOUR)
 
 
+def _same_distances(seen: list, reference: list) -> bool:
+    """Every distance a rank's cache measured equals the single process's (sums over the whole sequence,
+    reduced across the ranks, differ from one process's only in float32 summation order)."""
+    return len(seen) == len(reference) and all(
+        (a is None and b is None) or (a is not None and b is not None and abs(a - b) <= 1e-5 * (1 + abs(b)))
+        for a, b in zip(seen, reference))
+
+
 def _check_case(result: dict, name: str) -> None:
     for rank, seen in enumerate(result["ranks"]):
         assert seen["max_abs_diff"] <= TOLERANCE, (name, rank, seen)
@@ -55,8 +63,11 @@ def _check_case(result: dict, name: str) -> None:
             # separate-call CFG: each rank runs one branch from step 1 on; that branch's map is the reference's
             branch = seen["parallel"]["cfg_branch_of_rank"]
             assert seen["hits"][branch] == seen["reference_hits"][branch], (name, rank, seen)
+            assert _same_distances(seen["diffs"][branch], seen["reference_diffs"][branch]), (name, rank, seen)
         else:
             assert seen["hits"] == seen["reference_hits"], (name, rank, seen)
+            for mine, reference in zip(seen["diffs"], seen["reference_diffs"], strict=True):
+                assert _same_distances(mine, reference), (name, rank, seen)
 
 
 @pytest.mark.parametrize("name", TWO)
@@ -126,14 +137,23 @@ def test_bad_degrees_fail_at_compose(override, fragment):
 
 
 @pytest.mark.parametrize("overrides, fragment", [
-    (["parallel=ulysses2"], "ulysses=2 = 2 processes, but 1 were launched"),
+    (["model=flux_tiny", "parallel=ulysses2"], "ulysses=2 = 2 processes, but 1 were launched"),
     (["model=flux_tiny", "parallel.ulysses=3", "parallel.cfg=1"], "ulysses=3 does not divide the model's 2 attention "
                                                                   "heads: use a ulysses degree among [1, 2]"),
     (["model=sdxl_tiny", "parallel=ring2"], "has no sequence parallelism"),
-    (["parallel=ulysses2", "attention=diffusers"], "not allowed with attention=diffusers"),
+    # SDXL's UNet config has no head count: the doctor says what SDXL gets instead of failing on it
+    (["model=sdxl_tiny", "parallel=ulysses2"], "sdxl's UNet2DConditionModel has no sequence parallelism"),
 ])
 def test_the_doctor_refuses_meshes_that_cannot_work(overrides, fragment):
     from accel.doctor import diagnose
 
-    problems = diagnose(accel.compose(None, ["model=flux_tiny", *overrides]))
+    problems = diagnose(accel.compose(None, overrides))
     assert any(fragment in p and p.startswith("parallel.") for p in problems), problems
+
+
+def test_sharded_attention_with_a_kernel_that_bypasses_torchs_sdpa_is_refused_at_compose():
+    with pytest.raises(ConfigError, match=r"^parallel=mesh cannot run with attention=diffusers: sharded attention "
+                                          r"runs through torch's SDPA"):
+        accel.compose(None, ["parallel=ulysses2", "attention=diffusers", "attention.backend=flash"])
+    # diffusers' native backend calls torch's SDPA by its name: sharded attention takes it
+    assert accel.compose(None, ["parallel=ulysses2", "attention=diffusers"]).attention.backend == "native"

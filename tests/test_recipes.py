@@ -39,6 +39,6 @@ def test_every_recipe_runs_on_its_tiny_model_and_caches(recipe, monkeypatch):
         return
     assert stats["cache"]["steps"] == 6
     threshold = stats["cache"]["threshold"]["name"]
-    with accel.apply(pipe, OmegaConf.merge(cfg, {"cache": {threshold: ALWAYS}})) as run:
+    with accel.apply(pipe, cfg.replace(cache={threshold: ALWAYS})) as run:
         generate(pipe, **call)
         assert run.stats()["cache"]["cached"] >= 1

@@ -42,3 +42,24 @@ def test_task_accuracy_is_scored_for_the_output_and_the_baseline_each():
     pictures, prompts = shapes.dataset(3, seed=5)
     figures = quality(["task_accuracy"], pictures / 255, np.zeros_like(pictures, dtype=float), prompts=prompts)
     assert figures["task_accuracy"] == 1.0 and figures["baseline_task_accuracy"] == 0.0
+
+
+def test_a_comparison_of_one_round_is_never_called_measurable():
+    report = _report([2.0], [1.0])
+    assert report["baseline"]["measurable"] is False
+    assert "one round cannot tell it from noise" in summary_table(report)
+
+
+def test_a_table_with_only_uncomputed_figures_has_no_empty_quality_row():
+    from accel.report import quality_rows
+
+    rows = quality_rows({"lpips": None, "identical": False, "unavailable": {"lpips": "the lpips package is not installed"}})
+    assert rows == [("not computed", "lpips: the lpips package is not installed")]
+    assert quality_rows({"identical": True}) == [("vs baseline", "bit-identical")]
+
+
+def test_a_first_call_no_slower_than_a_steady_one_is_said_so_never_as_a_negative_time():
+    report = _report([2.0, 2.2, 2.1], [1.0, 1.1, 1.05])
+    report["timings"]["first_call_extra_s"] = 0.0
+    table = summary_table(report)
+    assert "first call      1.000 s (no slower than a steady one)" in table and "-" not in table.split("first call")[1].split("\n")[0]

@@ -161,17 +161,16 @@ REFUSED = {
 
 @pytest.mark.parametrize("case", REFUSED)
 def test_calls_the_kernel_does_not_take_are_refused_or_fall_back_counted(case):
-    from accel.strategies.triton_attention import TritonSDPA, fallbacks
+    from accel.sdpa_route import TORCH_SDPA
+    from accel.strategies.triton_attention import fallbacks, triton_layer
 
     changes, message = REFUSED[case]
     call = _call(**changes)
     with pytest.raises(AccelError, match="^attention.strategy='accel_triton' cannot run this attention call: "
                                          f"{re.escape(message)}.*attention.fallback=true"):
-        with TritonSDPA("bf16", fallback=False):
-            F.scaled_dot_product_attention(**call)
+        triton_layer("bf16", fallback=False)(TORCH_SDPA, **call)
     before = fallbacks.copy()
-    with TritonSDPA("bf16", fallback=True):
-        out = F.scaled_dot_product_attention(**call)
+    out = triton_layer("bf16", fallback=True)(TORCH_SDPA, **call)
     counted = fallbacks - before
     assert len(counted) == 1 and next(iter(counted)).startswith(message) and sum(counted.values()) == 1
     if case != "dropout":  # dropout draws random numbers: the same call again would differ
@@ -218,9 +217,9 @@ def test_tiny_flux_in_bfloat16_against_sdpa_and_remove_restores_it(flux_bf16, qk
 
 
 def test_calls_routed_through_accels_attention_layers_reach_the_kernel(flux_bf16):
-    """The parallel stage puts its layers on the processors (accel.models.attention_route), under the name
-    F.scaled_dot_product_attention; their last call is torch's SDPA, which the kernel must still take."""
-    from accel.models.attention_route import add_layer
+    """The parallel stage puts its layers on the processors' SDPA route (accel.sdpa_route) at the sequence
+    slot, above the kernel's: each of their calls must still reach the kernel."""
+    from accel.sdpa_route import add_layer
 
     pipe, _ = flux_bf16
     layer_calls = []
@@ -232,7 +231,7 @@ def test_calls_routed_through_accels_attention_layers_reach_the_kernel(flux_bf16
     call = dict(CALL, num_inference_steps=1)
     with accel.apply(pipe, accel_triton()):
         alone = generate(pipe, **call)
-    remove_layer = add_layer(pipe.transformer, 0, layer)
+    remove_layer = add_layer(pipe.transformer, "sequence", layer)
     try:
         with accel.apply(pipe, accel_triton()) as run:
             routed = generate(pipe, **call)

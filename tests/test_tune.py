@@ -29,6 +29,24 @@ def test_the_choice_is_the_fastest_that_meets_a_quality_target():
     assert met and chosen is found[3]  # as fast as found[1], computing less
 
 
+def test_a_quality_target_holds_for_every_prompt():
+    """Evidence from two prompts, one of them under the target: the setting does not meet it."""
+    failing = Evidence({"strategy": "fbcache"}, 1.0, [55.0, 38.0], [1.0, 1.0], None, 10, 28, work_speedup=2.5)
+    passing = Evidence({"strategy": "fbcache"}, 1.0, [45.0, 41.0], [1.0, 1.0], None, 12, 28, work_speedup=2.0)
+    assert failing.violation(Target(min_psnr=40.0)) > 0
+    chosen, met = choose([failing, passing], Target(min_psnr=40.0))
+    assert met and chosen is passing
+
+
+def test_a_setting_that_caches_nothing_is_never_the_tuned_result():
+    nothing = evidence(1.0, math.inf, computed=28)
+    something = evidence(1.3, 35.0, computed=20)
+    chosen, met = choose([nothing, something], Target(min_psnr=40.0))
+    assert not met and chosen is something  # the closest that caches a step, said to be NOT MET
+    chosen, met = choose([nothing], Target(min_psnr=40.0))
+    assert not met and chosen is nothing
+
+
 def test_a_speed_target_takes_the_best_quality_that_reaches_it():
     found = [evidence(2.0, 30.0), evidence(1.6, 41.0), evidence(1.4, 45.0)]
     chosen, met = choose(found, Target(speedup=1.5))
@@ -60,6 +78,14 @@ def test_a_tune_writes_a_recipe_that_composes_with_its_evidence(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_target_only_the_uncached_model_meets_is_said_so(tmp_path):
+    result = tune(*TOY, "tune.trials=2", "target.min_psnr=200", f"tune.dir={tmp_path / 'tuned'}", cwd=tmp_path)
+    assert result.returncode == 3, result.stderr
+    header = (tmp_path / "tuned" / "tuned.yaml").read_text()
+    assert "NOT MET by any setting tried that caches a step (the uncached model meets it, caching nothing)" in header
+
+
+@pytest.mark.slow
 def test_an_impossible_target_writes_the_best_found_and_says_so(tmp_path):
     result = tune(*TOY, "tune.trials=2", "target.speedup=1000", f"tune.dir={tmp_path / 'tuned'}", cwd=tmp_path)
     assert result.returncode == 3, result.stderr
@@ -76,12 +102,16 @@ def test_an_impossible_target_writes_the_best_found_and_says_so(tmp_path):
     (["model=flux_tiny", "target.accuracy=0.9"], ["target.accuracy=0.9", "toy shapes task"]),
     (["model=flux_toy", "target.speedup=2", "tune.kinds=[warp]"], ["tune.kinds", "warp", "fbcache"]),
     (["model=flux_toy", "target.speedup=2", "cache.bogus=1"], ["bogus"]),
+    (["model=flux_toy", "target.speedup=0.5"], ["target.speedup=0.5 is not allowed: > 1", "already runs at 1x"]),
+    (["model=flux_toy", "target.min_psnr=30", "tune.trials=0"], ["accel: error: tune.trials=0 is not allowed"]),
+    (["model=flux_toy"], ["accel: error: no target"]),
 ])
 def test_bad_input_is_one_line_exit_2_and_no_folder(tmp_path, args, fragments):
     result = tune(*args, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("accel: error:")]
     assert len(errors) == 1 and "Traceback" not in result.stderr
+    assert "target.target" not in errors[0] and "tune.tune" not in errors[0]
     for fragment in fragments:
         assert fragment in errors[0]
     assert list(tmp_path.iterdir()) == []

@@ -105,6 +105,8 @@ class BlockAdapter:
     # What heights and widths (multiples of `spatial`) and, for video, frame counts (t·k + 1) the
     # pipeline generates exactly, from its components' configs ({"vae": {...}, "denoiser": {...}})
     size_rule: Callable[[dict[str, dict]], "SizeRule"] = lambda configs: SizeRule(8)
+    # the sizes the published models of this architecture make, for when their files are not here
+    published_size: "SizeRule" = None
     video: bool = False
     # how sequence parallelism splits the blocks' tokens; None: the architecture is not sequence-parallel
     sequence: Optional[SequencePlan] = None
@@ -222,6 +224,7 @@ ADAPTERS: dict[str, BlockAdapter] = {
         teacache_coefficients=lambda config: (498.651651, -283.781631, 55.8554382, -3.82021401, 0.264230861),
         block_count=lambda config: config["num_layers"] + config["num_single_layers"],
         size_rule=_flux_size,
+        published_size=SizeRule(16),
         sequence=SequencePlan(joint="encoder_first", rotary_args=("image_rotary_emb",), rotary_covers="joint"),
     ),
     "sd3": BlockAdapter(
@@ -233,6 +236,7 @@ ADAPTERS: dict[str, BlockAdapter] = {
         block_io={"JointTransformerBlock": ENCODER_FIRST},
         modulated_input=_norm1_modulated_input,
         size_rule=_sd3_size,
+        published_size=SizeRule(16),
         sequence=SequencePlan(joint="hidden_first"),
         batched_cfg=True,
     ),
@@ -247,6 +251,7 @@ ADAPTERS: dict[str, BlockAdapter] = {
         teacache_coefficients=lambda config: (733.226126, -401.131952, 67.5869174, -3.14987800, 0.0961237896),
         block_count=lambda config: config["num_layers"] + config["num_single_layers"],
         size_rule=_hunyuan_size,
+        published_size=SizeRule(16, 4),
         video=True,
         sequence=SequencePlan(joint="hidden_first", rotary_args=("freqs_cis", "image_rotary_emb"),
                               mask_arg="attention_mask"),
@@ -260,6 +265,7 @@ ADAPTERS: dict[str, BlockAdapter] = {
         block_io={"DownBlock2D": UNET_DOWN, "CrossAttnDownBlock2D": UNET_DOWN, "UNetMidBlock2DCrossAttn": HIDDEN_ONLY,
                   "UpBlock2D": HIDDEN_ONLY, "CrossAttnUpBlock2D": HIDDEN_ONLY},
         residual_base="span_input",
+        published_size=SizeRule(8),
         block_count=lambda config: len(config["down_block_types"]) + 1 + len(config["up_block_types"]),
         batched_cfg=True,  # no sequence plan: a UNet's convolutions need their neighbours; CFG parallel only
     ),
@@ -273,6 +279,7 @@ ADAPTERS: dict[str, BlockAdapter] = {
         modulated_input=_timestep_embedding,
         teacache_coefficients=_wan_coefficients,
         size_rule=_wan_size,
+        published_size=SizeRule(16, 4),
         video=True,
         sequence=SequencePlan(joint=None, rotary_args=("rotary_emb",), rotary_dim=1),
     ),

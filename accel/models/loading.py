@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -16,6 +17,7 @@ import torch
 from accel import resources
 from accel.errors import AccelError
 from accel.models.adapters import ADAPTERS
+from accel.models.tiny import BUILDERS
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -27,20 +29,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device(device)
-
-
-def as_model_config(model):
-    from omegaconf import DictConfig, OmegaConf
-
-    from accel.config import ModelConfig
-
-    if isinstance(model, ModelConfig):
-        return model
-    if isinstance(model, dict):
-        model = OmegaConf.create(model)
-    if isinstance(model, DictConfig):
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), model))
-    raise TypeError(f"expected a model config, got {type(model).__name__}")
 
 
 def _fabrication_code_digest() -> str:
@@ -59,8 +47,6 @@ def tiny_pipeline_dir(model) -> Path:
 
 def fabricate_tiny(model) -> Path:
     """Build the tiny pipeline from its seed and save it, unless it is saved already."""
-    from accel.models.tiny import BUILDERS
-
     target = tiny_pipeline_dir(model)
     if (target / "model_index.json").exists():
         return target
@@ -85,9 +71,8 @@ def packaged_pipelines() -> list[str]:
 
 def locate(model) -> Optional[Path]:
     """The local folder holding a model's pipeline (a tiny one is fabricated there first); None when
-    the weights are not here but the hub is reachable (from_pretrained then downloads them);
-    an AccelError naming the missing weights and the tiny alternative when offline."""
-    model = as_model_config(model)
+    the weights are not here but the hub answers (from_pretrained then downloads them); an AccelError
+    naming the missing weights and the tiny alternative when offline or the hub does not answer."""
     if model.source == "tiny":
         return fabricate_tiny(model)
     if model.source == "packaged":
@@ -102,7 +87,25 @@ def locate(model) -> Optional[Path]:
     except (LocalEntryNotFoundError, OSError, ValueError):
         if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
             raise AccelError(_missing_weights(model, "HF_HUB_OFFLINE is set")) from None
+        unreachable = hub_unreachable()
+        if unreachable:
+            raise AccelError(_missing_weights(model, f"not in the local Hugging Face cache, and the hub does not "
+                                                     f"answer: {unreachable}")) from None
         return None
+
+
+def hub_unreachable(timeout_s: float = 3.0) -> Optional[str]:
+    """Why the Hugging Face Hub cannot be reached from here, found in seconds (diffusers would spend a
+    minute retrying); None when it answers."""
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+        return None
+    except OSError as err:
+        return f"{host}:{port}: {err.strerror or err}"
 
 
 def component_configs(folder: Path, adapter) -> dict[str, dict]:
@@ -118,9 +121,8 @@ def _missing_weights(model, why: str) -> str:
             f"or run the embedded tiny pipeline of the same architecture with {tiny}")
 
 
-def load_pipeline(model, device: str = "auto"):
-    """Load the pipeline a model config names, on `device`, in the config's dtype."""
-    model = as_model_config(model)
+def load(model, device: str = "auto"):
+    """Load the pipeline a ModelConfig names, on `device`, in the config's dtype."""
     adapter = ADAPTERS[model.architecture]
     dtype = getattr(torch, model.dtype)
     pipeline_type = adapter.pipeline_type()

@@ -12,7 +12,6 @@ branch on every rank, which is how the output shapes are learnt.
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -21,26 +20,9 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from accel import intercept
 from accel.errors import AccelError
 from accel.parallel import traffic
-from accel.pipeline_calls import add_call_hook
-
-
-def _swap_call(module: torch.nn.Module, call: Callable) -> Callable[[], None]:
-    """Run `call(original_call, *args, **kwargs)` whenever `module(...)` is called; returns the undo."""
-    cls = type(module)
-    original = cls.__call__
-
-    @functools.wraps(original)
-    def __call__(self, *args, **kwargs):
-        return call(functools.partial(original, self), *args, **kwargs)
-
-    module.__class__ = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
-
-    def undo() -> None:
-        module.__class__ = cls
-
-    return undo
 
 
 @dataclass
@@ -63,8 +45,10 @@ class CFGParallel:
         self.branch: Optional[int] = None  # the branch of the call running now (separate-call CFG)
         self.shapes: Optional[dict[int, Any]] = None  # per call index: the output's structure and shapes
         self.parallel_steps = 0
-        self._undo = [_swap_call(denoiser, self._batched_call if batched else self._separate_call),
-                      add_call_hook(pipe, self._generation)]
+        self._undo = contextlib.ExitStack()
+        self._undo.callback(intercept.around(denoiser, "forward", "cfg",
+                                             self._batched_call if batched else self._separate_call))
+        self._undo.callback(intercept.around_each(pipe, "__call__", "cfg", self._generation))
 
     @contextlib.contextmanager
     def _generation(self):
@@ -164,5 +148,4 @@ class CFGParallel:
                 "parallel_steps": None if self.batched else self.parallel_steps}
 
     def remove(self) -> None:
-        while self._undo:
-            self._undo.pop()()
+        self._undo.close()

@@ -9,6 +9,7 @@ closest together (the same node).
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -34,6 +35,26 @@ def launched_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def under_launcher() -> bool:
+    """Whether torchrun (or a launcher like it) started this process, or a process group is already up."""
+    return (dist.is_available() and dist.is_initialized()) or {"MASTER_ADDR", "WORLD_SIZE"} <= set(os.environ)
+
+
+def world_size(degrees: dict[str, int]) -> int:
+    """The processes a layout needs: the product of its degrees."""
+    return math.prod(degrees.values())
+
+
+def launch_problem(degrees: dict[str, int]) -> Optional[str]:
+    """Why the launched processes do not fit these degrees; None if they do."""
+    world, launched = world_size(degrees), launched_world_size()
+    if world == launched:
+        return None
+    product = " × ".join(f"parallel.{d}={degrees[d]}" for d in DIMENSIONS)
+    return (f"{product} = {world} processes, but {launched} were launched: the degrees' product must equal the "
+            f"world size (torchrun --nproc_per_node={world}, or degrees whose product is {launched})")
+
+
 def backend_for(backend: str, device: torch.device) -> str:
     if backend != "auto":
         return backend
@@ -46,6 +67,7 @@ class Mesh:
 
     device_mesh: "torch.distributed.device_mesh.DeviceMesh"
     degrees: dict[str, int]
+    owns_group: bool = False  # accel started the process group (under torchrun), so accel ends it
 
     def dimension(self, name: str) -> Optional[tuple[dist.ProcessGroup, int, int]]:
         """(group, size, this rank's index) of a dimension of size > 1, else None."""
@@ -68,18 +90,34 @@ class Mesh:
     def rank(self) -> int:
         return dist.get_rank()
 
+    @property
+    def world_size(self) -> int:
+        return world_size(self.degrees)
+
+    @property
+    def backend(self) -> str:
+        return dist.get_backend()
+
+    def close(self) -> None:
+        """End the process group if accel started it (the end of a job); a user's own group stays."""
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self.owns_group = False
 
 
-def build_mesh(degrees: dict[str, int], backend: str, timeout_s: float, device: torch.device) -> Mesh:
-    """Join (or reuse) the process group and lay it out as a (cfg, ring, ulysses) mesh."""
+def join(degrees: dict[str, int], backend: str, timeout_s: float, device: torch.device) -> Optional[Mesh]:
+    """Join the process group the launcher describes (or the user's own) and lay it out as a
+    (cfg, ring, ulysses) mesh; None for one process started on its own. Under torchrun a 1 × 1 × 1
+    layout joins too, so one process goes through the backend's launch path (NCCL on a GPU)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    world = 1
-    for size in degrees.values():
-        world *= size
-    launched = launched_world_size()
-    if launched != world:
-        raise AccelError(_world_mismatch(degrees, world, launched))
+    world = world_size(degrees)
+    if world == 1 and not under_launcher():
+        return None
+    problem = launch_problem(degrees)
+    if problem is not None:
+        raise AccelError(problem)
+    owns = False
     if not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:
             raise AccelError(f"parallel: {world} processes are needed and no process group is set up: start them "
@@ -87,24 +125,6 @@ def build_mesh(degrees: dict[str, int], backend: str, timeout_s: float, device: 
                              "torch.distributed.init_process_group before accel.apply)")
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend_for(backend, device), timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
-        global _owned_group
-        _owned_group = True
+        owns = True
     mesh = init_device_mesh(device.type, tuple(degrees[d] for d in DIMENSIONS), mesh_dim_names=DIMENSIONS)
-    return Mesh(mesh, dict(degrees))
-
-
-_owned_group = False  # accel started the process group (under torchrun), so accel ends it
-
-
-def shutdown() -> None:
-    """End the process group accel started, if it did (the end of a job); a user's own group stays."""
-    global _owned_group
-    if _owned_group and dist.is_initialized():
-        dist.destroy_process_group()
-    _owned_group = False
-
-
-def _world_mismatch(degrees: dict[str, int], world: int, launched: int) -> str:
-    product = " × ".join(f"parallel.{d}={degrees[d]}" for d in DIMENSIONS)
-    return (f"{product} = {world} processes, but {launched} were launched: the degrees' product must equal the "
-            f"world size (torchrun --nproc_per_node={world}, or degrees whose product is {launched})")
+    return Mesh(mesh, dict(degrees), owns)

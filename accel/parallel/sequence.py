@@ -11,6 +11,7 @@ distance leaves them out.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from dataclasses import dataclass
@@ -20,9 +21,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
+from accel import intercept
 from accel.errors import AccelError
-from accel.parallel import traffic
 from accel.models.adapters import BoundBlock, SequencePlan
+from accel.parallel import traffic
+from accel.parallel.attention import sharded_attention
 
 
 def _pad_to(x: torch.Tensor, length: int, dim: int, value=0) -> torch.Tensor:
@@ -130,48 +133,51 @@ class _Bound:
 
 
 class SequenceShards:
-    """Hooks on a denoiser's blocks that split the streams at the first and gather them after the last."""
+    """Layers on a denoiser's blocks that split the streams at the first and gather them after the last."""
 
     def __init__(self, blocks: list[BoundBlock], plan: SequencePlan, group: dist.ProcessGroup, shards: int,
                  shard: int):
         self.blocks = [_Bound(b, inspect.signature(b.module.forward)) for b in blocks]
         self.plan, self.group, self.shards, self.shard = plan, group, shards, shard
         self.layout: Optional[SequenceLayout] = None
-        self._undo = []
+        self._undo = contextlib.ExitStack()
         for index, bound in enumerate(self.blocks):
-            hook = bound.block.module.register_forward_pre_hook(self._pre_hook(index, bound), with_kwargs=True)
-            self._undo.append(hook.remove)
-        last = self.blocks[-1].block
-        self._undo.append(last.module.register_forward_hook(lambda m, a, out: self._gather(last, out)).remove)
+            self._undo.callback(intercept.around(bound.block.module, "forward", "sequence", self._layer(index, bound)))
 
-    def _pre_hook(self, index: int, bound: _Bound):
+    def _layer(self, index: int, bound: _Bound):
+        last = index == len(self.blocks) - 1
+
+        def layer(inner, *args, **kwargs):
+            out = inner(**self._local_arguments(index, bound, args, kwargs))
+            return self._gather(bound.block, out) if last else out
+
+        return layer
+
+    def _local_arguments(self, index: int, bound: _Bound, args: tuple, kwargs: dict) -> dict:
+        """The block's arguments, by name, with this rank's slice of every per-token input."""
         io, plan = bound.block.io, self.plan
-
-        def hook(module, args, kwargs):
-            arguments = bound.signature.bind_partial(*args, **kwargs).arguments
-            if index == 0:
-                hidden = arguments[io.hidden_arg]
-                encoder = arguments.get(io.encoder_arg)
-                mask = arguments.get(plan.mask_arg) if plan.mask_arg else None
-                if mask is not None:
-                    mask = mask.reshape(mask.shape[0], -1).bool()
-                self.layout = SequenceLayout(plan, self.shards, self.shard, hidden.shape[1],
-                                             encoder.shape[1] if encoder is not None else None, mask, hidden.device)
-                arguments[io.hidden_arg] = self.layout.local(hidden, "hidden")
-            if self.layout is None:
-                raise AccelError("parallel: a block ran before the denoiser's first block: its inputs were never split")
-            # the text stream, where block 0 gets it, or every block when blocks do not hand it on (Wan)
+        arguments = bound.signature.bind_partial(*args, **kwargs).arguments
+        if index == 0:
+            hidden = arguments[io.hidden_arg]
             encoder = arguments.get(io.encoder_arg)
-            if encoder is not None and (index == 0 or io.encoder_out is None):
-                arguments[io.encoder_arg] = self.layout.local(encoder, "encoder")
-            for name in plan.rotary_args:
-                if arguments.get(name) is not None:
-                    arguments[name] = self.layout.local_rotary(arguments[name])
-            if plan.mask_arg and plan.mask_arg in arguments:
-                arguments[plan.mask_arg] = None  # attention takes the gathered key mask from the layout
-            return (), arguments
-
-        return hook
+            mask = arguments.get(plan.mask_arg) if plan.mask_arg else None
+            if mask is not None:
+                mask = mask.reshape(mask.shape[0], -1).bool()
+            self.layout = SequenceLayout(plan, self.shards, self.shard, hidden.shape[1],
+                                         encoder.shape[1] if encoder is not None else None, mask, hidden.device)
+            arguments[io.hidden_arg] = self.layout.local(hidden, "hidden")
+        if self.layout is None:
+            raise AccelError("parallel: a block ran before the denoiser's first block: its inputs were never split")
+        # the text stream, where block 0 gets it, or every block when blocks do not hand it on (Wan)
+        encoder = arguments.get(io.encoder_arg)
+        if encoder is not None and (index == 0 or io.encoder_out is None):
+            arguments[io.encoder_arg] = self.layout.local(encoder, "encoder")
+        for name in plan.rotary_args:
+            if arguments.get(name) is not None:
+                arguments[name] = self.layout.local_rotary(arguments[name])
+        if plan.mask_arg and plan.mask_arg in arguments:
+            arguments[plan.mask_arg] = None  # attention takes the gathered key mask from the layout
+        return arguments
 
     def _gather(self, block: BoundBlock, out):
         hidden, encoder = block.io.outputs(out)
@@ -190,8 +196,7 @@ class SequenceShards:
         return reduced_relative_l1(now, before, group, weight)
 
     def remove(self) -> None:
-        while self._undo:
-            self._undo.pop()()
+        self._undo.close()
         self.layout = None
 
 
@@ -224,8 +229,6 @@ def check_heads(heads: int, ulysses: int) -> Optional[str]:
 
 def route_layer(shards: SequenceShards, ulysses, ring):
     """The attention-route layer running every block attention over the whole sharded sequence."""
-    from accel.parallel.attention import sharded_attention
-
     def layer(call_next, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
               enable_gqa=False):
         if is_causal or dropout_p or enable_gqa:

@@ -22,10 +22,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from accel import intercept
 from accel.context import ApplyContext
 from accel.errors import AccelError, require
-from accel.pipeline_calls import add_call_hook
-from accel.registry import register
+from accel.registry import BYPASSES_TORCH_SDPA, register
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Probing a kernel on a device
@@ -82,7 +82,7 @@ def _sdpa_backend(kernel: str):
             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[kernel]
 
 
-@dataclass
+@dataclass(frozen=True)
 class SDPAConfig:
     strategy: str = "sdpa"
     kernel: str = "auto"  # auto (torch chooses per call) | flash | efficient | cudnn | math
@@ -149,7 +149,8 @@ def apply_sdpa(ctx: ApplyContext, config: SDPAConfig) -> SDPAHandle:
     from torch.nn.attention import sdpa_kernel
 
     backends = [_sdpa_backend(kernel)]
-    return SDPAHandle(kernel, config.kernel, fallback, add_call_hook(ctx.pipe, lambda: sdpa_kernel(backends)))
+    return SDPAHandle(kernel, config.kernel, fallback,
+                      intercept.around_each(ctx.pipe, "__call__", "attention", lambda: sdpa_kernel(backends)))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -167,7 +168,7 @@ def dispatcher_backends() -> tuple[str, ...]:
     return tuple(member.value for member in AttentionBackendName)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DiffusersAttentionConfig:
     strategy: str = "diffusers"
     backend: str = "native"  # a diffusers AttentionBackendName: native, _native_math, flash, sage, xformers, flex, ...
@@ -255,7 +256,13 @@ def _restore(saved: list[tuple[Any, Any]]) -> None:
             processor._attention_backend = previous
 
 
-@register("diffusers", stage="attention", config_cls=DiffusersAttentionConfig, check=check_diffusers)
+def _diffusers_traits(config: DiffusersAttentionConfig) -> set[str]:
+    """Backends other than the native ones call their own kernels, not torch's SDPA by its name."""
+    return set() if config.backend == "native" or config.backend.startswith("_native") else {BYPASSES_TORCH_SDPA}
+
+
+@register("diffusers", stage="attention", config_cls=DiffusersAttentionConfig, check=check_diffusers,
+          traits=_diffusers_traits)
 def apply_diffusers(ctx: ApplyContext, config: DiffusersAttentionConfig) -> DiffusersAttentionHandle:
     """diffusers' attention-dispatcher backend (native, _native_math, flash, sage, flex, ...) per processor."""
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry

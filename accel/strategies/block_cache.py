@@ -20,18 +20,13 @@ from typing import Any, Callable, Optional, Protocol
 
 import torch
 
+from accel import intercept
+from accel.context import relative_l1
 from accel.models.adapters import BlockAdapter, BoundBlock
-from accel.models.layered_forward import wrap
-from accel.pipeline_calls import add_call_hook
 from accel.strategies.cache_controls import CacheControls
 from accel.strategies.forecast import ResidualForecast
 
 SPAN_INPUT = -1  # a probe taken on the span's input, before block 0 runs
-
-
-def relative_l1(now: torch.Tensor, before: torch.Tensor) -> float:
-    """mean|now − before| / mean|before|, the distance every cache in the field uses."""
-    return ((now - before).abs().mean() / before.abs().mean().clamp_min(1e-12)).item()
 
 
 class TimestepReader:
@@ -118,46 +113,43 @@ class Decider(Protocol):
 class BlockCache:
     """Installs the hooks of one cache on one pipeline; `remove()` takes every one of them off."""
 
-    def __init__(self, pipe, adapter: BlockAdapter, controls: CacheControls, decider: Decider, last_blocks: int = 0,
-                 parallel: Any = None):
-        self.pipe = pipe
-        # under the parallel stage: distances over every rank's tokens, and the CFG branch a rank runs
-        self.distance = getattr(parallel, "relative_l1", None) or relative_l1
-        self.branch_of_call = getattr(parallel, "cfg_branch", None)
+    def __init__(self, ctx, controls: CacheControls, decider: Decider, last_blocks: int = 0):
+        adapter: BlockAdapter = ctx.adapter
+        self.pipe = ctx.pipe
+        # what the parallel stage set, if it ran: distances over every rank's tokens, the CFG branch a rank runs
+        self.distance = ctx.distance
+        self.branch_of_call = ctx.cfg_branch
         self.controls = controls
         self.decider = decider
-        self.denoiser = adapter.denoiser(pipe)
+        self.denoiser = adapter.denoiser(self.pipe)
         self.blocks = adapter.blocks(self.denoiser)
         self.span_end = len(self.blocks) - last_blocks  # blocks [probe+1, span_end) are skipped on a hit
         self.probe_points = decider.probes(len(self.blocks))
         self.order = controls.forecast_order if controls.forecast == "taylor" else 0
         self.from_span_input = adapter.residual_base == "span_input"
-        self.timestep = TimestepReader(self.denoiser, getattr(pipe, "scheduler", None))
+        self.timestep = TimestepReader(self.denoiser, getattr(self.pipe, "scheduler", None))
         self.generation: Optional[Generation] = None
         self.call: Optional[CallState] = None
         self.last_generation: Optional[Generation] = None
         self.generations = 0
-        self._undo: list = []
+        self._undo = contextlib.ExitStack()
         self._install()
 
     # -- installation ---------------------------------------------------------------------------
     def _install(self) -> None:
-        self._undo.append(add_call_hook(self.pipe, self._generation_scope))
-        pre = self.denoiser.register_forward_pre_hook(self._begin_call, with_kwargs=True)
-        post = self.denoiser.register_forward_hook(self._end_call, always_call=True)
-        self._undo += [pre.remove, post.remove]
+        self._undo.callback(intercept.around_each(self.pipe, "__call__", "cache", self._generation_scope))
+        self._undo.callback(intercept.around(self.denoiser, "forward", "cache", self._denoiser_call))
         for index, block in enumerate(self.blocks):
-            self._wrap_block(index, block)
+            self._undo.callback(intercept.around(block.module, "forward", "cache", self._block_layer(index, block)))
 
-    def _wrap_block(self, index: int, block: BoundBlock) -> None:
+    def _block_layer(self, index: int, block: BoundBlock):
         def cached(inner, *args, **kwargs):
             return self._block_forward(index, block, inner, args, kwargs)
 
-        self._undo.append(wrap(block.module, cached))
+        return cached
 
     def remove(self) -> None:
-        while self._undo:
-            self._undo.pop()()
+        self._undo.close()
 
     # -- per generation and per call ------------------------------------------------------------
     @contextlib.contextmanager
@@ -169,7 +161,14 @@ class BlockCache:
             self.last_generation, self.generation, self.call = self.generation, None, None
             self.generations += 1
 
-    def _begin_call(self, module, args, kwargs) -> None:
+    def _denoiser_call(self, inner, *args, **kwargs):
+        self._begin_call(args, kwargs)
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            self._end_call()
+
+    def _begin_call(self, args: tuple, kwargs: dict) -> None:
         gen = self.generation
         if gen is None:  # the denoiser called outside a pipeline call: run it plainly
             self.call = None
@@ -187,7 +186,7 @@ class BlockCache:
         branch = gen.branches.setdefault(gen.call_in_step if hint is None else hint, BranchState())
         self.call = CallState(branch, gen.step, max(gen.total_steps, gen.step + 1), relative_l1=self.distance)
 
-    def _end_call(self, module, args, output) -> None:
+    def _end_call(self) -> None:
         call, self.call = self.call, None
         if call is None:
             return
@@ -243,12 +242,10 @@ class BlockCache:
     def _may_hit(self, probe: int, call: CallState, hidden: torch.Tensor) -> bool:
         c, branch = self.controls, call.branch
         saved = branch.residuals.get(probe)
-        fraction = call.step / call.total_steps
         return (
             saved is not None
             and saved[0].fits(hidden)
-            and call.step >= c.warmup_steps
-            and c.start <= fraction < c.end
+            and c.may_hit(call.step, call.total_steps)
             and (c.max_consecutive_hits < 0 or branch.consecutive_hits < c.max_consecutive_hits)
             and (c.max_cached_steps < 0 or branch.cached < c.max_cached_steps)
             and not self.decider.must_compute(call)
@@ -295,6 +292,6 @@ class BlockCache:
             "computed": computed,
             "cached": cached,
             "hit_map": ["".join(b.hit_map) for b in branches],
-            "diffs": [[None if d is None else round(d, 5) for d in b.diffs] for b in branches],
+            "diffs": [list(b.diffs) for b in branches],  # exact: a threshold can be set to one of them
             "threshold": threshold,
         }

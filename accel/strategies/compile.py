@@ -2,7 +2,7 @@
 compile_repeated_blocks does) or whole.
 
 With `scope: blocks` the compiled region is each block's own forward, put *below* any cache on the
-block (accel.models.layered_forward), whatever order the stages were applied in: a cache's decisions
+block (accel.intercept.replace), whatever order the stages were applied in: a cache's decisions
 (a distance read back with .item(), a Python branch) stay in eager code between compiled regions, so
 every block traces with fullgraph=True and no graph breaks. Blocks of one class share their graphs.
 
@@ -14,6 +14,7 @@ one loaded after apply is (that first load adds layers and recompiles once per b
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -23,17 +24,16 @@ from typing import Any, Optional
 import torch
 from torch._dynamo.utils import counters
 
-from accel import resources
+from accel import intercept, resources
 from accel.context import AppliedFacts, ApplyContext
 from accel.errors import AccelError, require
-from accel.models.layered_forward import replace_own
-from accel.registry import register
+from accel.registry import DECIDES_BETWEEN_BLOCKS, register
 
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SCOPES = ("blocks", "full")
 
 
-@dataclass
+@dataclass(frozen=True)
 class CompileConfig:
     strategy: str = "torch"
     scope: str = "blocks"  # blocks: each block's own forward (regional); full: the whole denoiser
@@ -69,11 +69,14 @@ def check_compile(facts, config: CompileConfig) -> list[str]:
                             "(g++ or clang++ on PATH, or CXX); install one or use backend=eager")
     if config.mode == "reduce-overhead" and not cuda:
         problems.append(f"mode='reduce-overhead' is not allowed on {facts.device}: it records CUDA graphs")
-    cache = facts.stages.get("cache")
-    if config.scope == "full" and cache is not None and cache.strategy != "none":
-        problems.append(f"scope='full' is not allowed with cache={cache.strategy}: compiling the whole denoiser "
-                        "traces the cache's decisions (a graph break at every block); use scope=blocks")
     return problems
+
+
+def _excludes(config: CompileConfig) -> dict[str, str]:
+    if config.disable or config.scope != "full":
+        return {}
+    return {DECIDES_BETWEEN_BLOCKS: "scope='full' compiles the whole denoiser, which traces the cache's decisions "
+                                    "(a graph break at every block); use compile.scope=blocks"}
 
 
 class CompiledDenoiser:
@@ -93,7 +96,9 @@ class CompiledDenoiser:
         if config.backend == "inductor":
             # inductor's caches survive the process: a later run of the same blocks skips most compile work
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(resources.cache_dir() / "inductor"))
-        self._undo = [replace_own(module, lambda own: torch.compile(own, **options)) for module in self.regions]
+        self._undo = contextlib.ExitStack()
+        for module in self.regions:
+            self._undo.callback(intercept.replace(module, "forward", lambda own: torch.compile(own, **options)))
 
     def _regions(self, ctx: ApplyContext) -> list[torch.nn.Module]:
         if self.config.scope == "full":
@@ -116,8 +121,7 @@ class CompiledDenoiser:
                 "lora_hotswap_rank": self.config.lora_hotswap_rank}
 
     def remove(self) -> None:
-        while self._undo:
-            self._undo.pop()()
+        self._undo.close()
         if self._unprepare is not None:
             self._unprepare()
             self._unprepare = None
@@ -145,7 +149,7 @@ def _prepare_lora_hotswap(denoiser: torch.nn.Module, rank: Optional[int]):
     return unprepare
 
 
-@register("torch", stage="compile", config_cls=CompileConfig, check=check_compile)
+@register("torch", stage="compile", config_cls=CompileConfig, check=check_compile, excludes=_excludes)
 def apply_compile(ctx: ApplyContext, config: CompileConfig) -> CompiledDenoiser:
     """torch.compile of each block's own computation (regional), or of the whole denoiser."""
     problems = check_compile(AppliedFacts(ctx), config)

@@ -13,7 +13,7 @@ from accel.errors import require
 from accel.context import ApplyContext
 from accel.registry import register
 from accel.strategies.block_cache import BlockCache, CallState
-from accel.strategies.cache_controls import CacheControls
+from accel.strategies.cache_controls import CacheControls, cache_traits, check_controls
 
 
 class ResidualDiffDecider:
@@ -58,7 +58,7 @@ class ResidualDiffDecider:
         return statistics.median(distances)
 
 
-@dataclass
+@dataclass(frozen=True)
 class FBCacheConfig(CacheControls):
     strategy: str = "fbcache"
     residual_diff_threshold: float = 0.08  # 0: never cache (output equals the baseline)
@@ -68,10 +68,17 @@ class FBCacheConfig(CacheControls):
         require(self.residual_diff_threshold >= 0, "residual_diff_threshold", self.residual_diff_threshold,
                 ">= 0 (0 never caches)")
 
+    @staticmethod
+    def search_space(trial, blocks: int) -> dict:
+        return {"residual_diff_threshold": trial.suggest_float("fbcache.residual_diff_threshold", 0.02, 0.6, log=True)}
 
-@register("fbcache", stage="cache", config_cls=FBCacheConfig)
+    def blocks_on_hit(self) -> int:
+        return 1  # the probe block
+
+
+@register("fbcache", stage="cache", config_cls=FBCacheConfig, traits=cache_traits, check=check_controls)
 def apply_fbcache(ctx: ApplyContext, config: FBCacheConfig) -> BlockCache:
     """First Block Cache: probe block 0's residual, skip all later blocks on a hit."""
     adapter = ctx.adapter
     decider = ResidualDiffDecider({0: config.residual_diff_threshold}, residual=adapter.residual_base == "probe")
-    return BlockCache(ctx.pipe, adapter, config, decider, parallel=ctx.handle("parallel"))
+    return BlockCache(ctx, config, decider)

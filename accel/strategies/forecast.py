@@ -1,12 +1,18 @@
 """What a cache hit puts in place of the skipped blocks' residual.
 
-Order 0 reuses the residual of the last full step (FBCache, TeaCache). Higher orders keep
-finite-difference derivatives over the full steps, TaylorSeer-style, and extrapolate:
-R(step) ≈ Σ_k dR_k · Δ^k / k!, with Δ the steps since the last full step.
+Order 0 reuses the residual of the last full step (FBCache, TeaCache). Order k > 0 forecasts it,
+TaylorSeer-style, from the last k + 1 full steps: the polynomial of degree k through them, in Newton's
+form, evaluated at the skipped step,
+
+    R(s) ≈ R[s_n] + R[s_n, s_n-1]·(s − s_n) + R[s_n, s_n-1, s_n-2]·(s − s_n)(s − s_n-1) + …
+
+with R[...] the divided differences (R[a, b] = (R[a] − R[b]) / (a − b), and so on). Full steps are
+uneven once hits fall between them, and divided differences over the real steps make the forecast
+exact for a residual that is a polynomial of degree <= k at any spacing (TaylorSeer's differences
+divided by the span to the previous step are exact for order 1 only). Memory: k + 1 tensors.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -15,22 +21,29 @@ import torch
 class ResidualForecast:
     def __init__(self, order: int = 0):
         self.order = order
-        self.terms: list[torch.Tensor] = []  # R, dR/ds, d²R/ds², ... at `step`
-        self.step: Optional[int] = None
+        self.terms: list[torch.Tensor] = []  # R[s_n], R[s_n, s_n-1], ..., newest step first
+        self.steps: list[int] = []  # s_n, s_n-1, ...: the full steps the terms are over
+
+    @property
+    def step(self) -> Optional[int]:
+        return self.steps[0] if self.steps else None
 
     def update(self, step: int, residual: torch.Tensor) -> None:
+        """A full step's residual: the newest point of the polynomial."""
+        if self.steps and step <= self.steps[0]:  # a step again (a new generation reuses no state): start over
+            self.terms, self.steps = [], []
+        steps = [step, *self.steps][: self.order + 1]
         terms = [residual]
-        if self.step is not None and step > self.step:
-            span = step - self.step
-            for k in range(min(self.order, len(self.terms))):
-                terms.append((terms[k] - self.terms[k]) / span)
-        self.terms, self.step = terms, step
+        for k in range(1, len(steps)):
+            terms.append((terms[k - 1] - self.terms[k - 1]) / (steps[0] - steps[k]))
+        self.terms, self.steps = terms, steps
 
     def predict(self, step: int) -> torch.Tensor:
-        estimate = self.terms[0]
-        span = step - self.step
-        for k, term in enumerate(self.terms[1:], start=1):
-            estimate = estimate + term * (span**k / math.factorial(k))
+        """The residual forecast at `step` (the residual itself at order 0)."""
+        estimate, product = self.terms[0], 1.0
+        for k in range(1, len(self.terms)):
+            product *= step - self.steps[k - 1]
+            estimate = estimate + self.terms[k] * product
         return estimate
 
     def fits(self, like: torch.Tensor) -> bool:

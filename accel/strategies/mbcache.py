@@ -10,13 +10,13 @@ from accel.errors import AccelError, require
 from accel.context import ApplyContext
 from accel.registry import register
 from accel.strategies.block_cache import BlockCache
-from accel.strategies.cache_controls import CacheControls
+from accel.strategies.cache_controls import CacheControls, cache_traits, check_controls
 from accel.strategies.fbcache import ResidualDiffDecider
 
 PROBES = ("last_first_block", "per_block")
 
 
-@dataclass
+@dataclass(frozen=True)
 class MBCacheConfig(CacheControls):
     strategy: str = "mbcache"
     residual_diff_threshold: float = 0.08  # 0: never cache
@@ -32,6 +32,16 @@ class MBCacheConfig(CacheControls):
         require(self.last_blocks >= 0, "last_blocks", self.last_blocks, ">= 0")
         require(self.probe in PROBES, "probe", self.probe, f"one of {PROBES}")
 
+    @staticmethod
+    def search_space(trial, blocks: int) -> dict:
+        first = trial.suggest_int("mbcache.first_blocks", 1, max(1, min(8, blocks - 1)))
+        last = trial.suggest_int("mbcache.last_blocks", 0, max(0, min(4, blocks - 1 - first)))
+        return {"first_blocks": first, "last_blocks": last,
+                "residual_diff_threshold": trial.suggest_float("mbcache.residual_diff_threshold", 0.02, 0.6, log=True)}
+
+    def blocks_on_hit(self) -> int:
+        return self.first_blocks + self.last_blocks
+
 
 def _problems(adapter, n_blocks: int, config: MBCacheConfig) -> list[str]:
     found = []
@@ -45,10 +55,11 @@ def _problems(adapter, n_blocks: int, config: MBCacheConfig) -> list[str]:
 
 
 def check_mbcache(facts, config: MBCacheConfig) -> list[str]:
-    return [] if facts.block_count is None else _problems(facts.adapter, facts.block_count, config)
+    blocks = [] if facts.block_count is None else _problems(facts.adapter, facts.block_count, config)
+    return [*blocks, *check_controls(facts, config)]
 
 
-@register("mbcache", stage="cache", config_cls=MBCacheConfig, check=check_mbcache)
+@register("mbcache", stage="cache", config_cls=MBCacheConfig, traits=cache_traits, check=check_mbcache)
 def apply_mbcache(ctx: ApplyContext, config: MBCacheConfig) -> BlockCache:
     """Multi-block cache: compute Fn first and Bn last blocks, cache the span between."""
     adapter = ctx.adapter
@@ -58,5 +69,4 @@ def apply_mbcache(ctx: ApplyContext, config: MBCacheConfig) -> BlockCache:
     probes = range(config.first_blocks) if config.probe == "per_block" else [config.first_blocks - 1]
     decider = ResidualDiffDecider({p: config.residual_diff_threshold for p in probes},
                                   residual=adapter.residual_base == "probe")
-    return BlockCache(ctx.pipe, adapter, config, decider, last_blocks=config.last_blocks,
-                      parallel=ctx.handle("parallel"))
+    return BlockCache(ctx, config, decider, last_blocks=config.last_blocks)

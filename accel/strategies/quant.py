@@ -7,11 +7,9 @@ it back on `remove()`: the model is then bit for bit the one it was before.
 """
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import importlib.metadata
 import importlib.util
-import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -42,7 +40,7 @@ DEFAULT_EXCLUDE = (
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class TorchaoQuantConfig:
     strategy: str = "torchao"
     kind: str = "int8_weight_only"  # int8_weight_only | int8_dynamic | float8_dynamic | float8_weight_only
@@ -95,26 +93,9 @@ def check_torchao(facts, config: TorchaoQuantConfig) -> list[str]:
     return problems
 
 
-@contextlib.contextmanager
-def _quiet_torchao_import():
-    """torchao logs a warning per CUDA kernel library it cannot load (all of them on a CPU build of
-    torch) and torch one about its enum registration: noise for every run, so muted while importing."""
-    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
-
 def _torchao_config(config: TorchaoQuantConfig):
-    with _quiet_torchao_import():
-        from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig,
-                                          Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, PerRow,
-                                          PerTensor)
+    from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig,
+                                      Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, PerRow, PerTensor)
     # set_inductor_config=False: torchao would otherwise change torch._inductor.config process-wide,
     # which remove() could not undo; the compile stage owns those settings.
     if config.kind == "int8_weight_only":
@@ -188,8 +169,7 @@ class TorchaoHandle:
         self.linear_layers = sum(isinstance(m, torch.nn.Linear) for m in denoiser.modules())
 
     def quantize(self, layers: list[tuple[str, torch.nn.Linear]]) -> None:
-        with _quiet_torchao_import():
-            from torchao.quantization import quantize_
+        from torchao.quantization import quantize_
         recipe = _torchao_config(self.config)
         for name, linear in layers:
             saved = _Saved(linear, linear.weight, linear.weight.device, linear.__dict__.get("extra_repr", _ABSENT))

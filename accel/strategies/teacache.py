@@ -5,7 +5,7 @@ compute. Coefficients: the model's published ones, or your own from `python -m a
 from __future__ import annotations
 
 import statistics
-import warnings
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -17,7 +17,10 @@ from accel.models.adapters import BlockAdapter
 from accel.context import ApplyContext
 from accel.registry import register
 from accel.strategies.block_cache import SPAN_INPUT, BlockCache, CallState
-from accel.strategies.cache_controls import CacheControls
+from accel.strategies.cache_controls import CacheControls, cache_traits, check_controls
+
+
+ORDER = 4  # TeaCache's rescale polynomials are of order 4
 
 
 class ModulatedInputDecider:
@@ -59,7 +62,7 @@ class ModulatedInputDecider:
         return 1.5 * statistics.median(abs(float(self.rescale(d))) for d in distances)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TeaCacheConfig(CacheControls):
     strategy: str = "teacache"
     rel_l1_threshold: float = 0.4  # 0: never cache. FLUX published: 0.25 -> 1.5x, 0.4 -> 1.8x, 0.6 -> 2.0x
@@ -69,8 +72,19 @@ class TeaCacheConfig(CacheControls):
     def __post_init__(self):
         super().__post_init__()
         require(self.rel_l1_threshold >= 0, "rel_l1_threshold", self.rel_l1_threshold, ">= 0 (0 never caches)")
-        require(self.coefficients is None or len(self.coefficients) >= 1, "coefficients", self.coefficients,
-                "null (published) or a list of polynomial coefficients, highest order first")
+        require(self.coefficients is None or len(self.coefficients) == ORDER + 1, "coefficients", self.coefficients,
+                f"null (the model's published ones) or the {ORDER + 1} coefficients of an order-{ORDER} polynomial, "
+                "highest order first, as TeaCache publishes and accel.calibrate fits them")
+
+    @staticmethod
+    def search_space(trial, blocks: int) -> dict:
+        return {"rel_l1_threshold": trial.suggest_float("teacache.rel_l1_threshold", 0.1, 2.0, log=True)}
+
+    def blocks_on_hit(self) -> int:
+        return 0  # its probe is block 0's input modulation alone
+
+    def last_step_computes(self) -> bool:
+        return True
 
 
 def _coefficients(adapter, denoiser_config, config: TeaCacheConfig) -> tuple[Optional[list[float]], list[str]]:
@@ -88,11 +102,13 @@ def _coefficients(adapter, denoiser_config, config: TeaCacheConfig) -> tuple[Opt
 
 def check_teacache(facts, config: TeaCacheConfig) -> list[str]:
     if facts.configs is None:
-        return _coefficients(facts.adapter, None, config)[1] if facts.adapter.modulated_input is None else []
-    return _coefficients(facts.adapter, facts.configs["denoiser"], config)[1]
+        own = _coefficients(facts.adapter, None, config)[1] if facts.adapter.modulated_input is None else []
+    else:
+        own = _coefficients(facts.adapter, facts.configs["denoiser"], config)[1]
+    return [*own, *check_controls(facts, config)]
 
 
-@register("teacache", stage="cache", config_cls=TeaCacheConfig, check=check_teacache)
+@register("teacache", stage="cache", config_cls=TeaCacheConfig, traits=cache_traits, check=check_teacache)
 def apply_teacache(ctx: ApplyContext, config: TeaCacheConfig) -> BlockCache:
     """TeaCache: accumulate the rescaled change of block 0's modulated input; skip every block while under the threshold."""
     adapter = ctx.adapter
@@ -100,8 +116,9 @@ def apply_teacache(ctx: ApplyContext, config: TeaCacheConfig) -> BlockCache:
     if problems:
         raise AccelError(f"cache.{problems[0]}")
     if config.fitted_on not in (None, adapter.architecture):
-        warnings.warn(f"cache.coefficients were fitted on {config.fitted_on} (cache.fitted_on) but this is a "
-                      f"{adapter.architecture} model: its probe changes differently, so the threshold will not mean "
-                      f"the same; calibrate on this model with `python -m accel.calibrate`", stacklevel=2)
+        logging.getLogger("accel").warning(
+            f"accel: warning: cache.coefficients were fitted on {config.fitted_on} (cache.fitted_on) but this is a "
+            f"{adapter.architecture} model: its probe changes differently, so the threshold will not mean the same; "
+            "calibrate on this model with `python -m accel.calibrate`")
     decider = ModulatedInputDecider(adapter, config.rel_l1_threshold, coefficients)
-    return BlockCache(ctx.pipe, adapter, config, decider, parallel=ctx.handle("parallel"))
+    return BlockCache(ctx, config, decider)

@@ -1,13 +1,13 @@
 """attention=accel_triton: our own Triton attention kernel (accel.kernels.attention) for every
 `torch.nn.functional.scaled_dot_product_attention` call of the denoiser.
 
-A TorchFunctionMode, entered around the denoiser's forward (the top layer of its layered forward),
-routes each SDPA call to the kernel: diffusers' dispatcher's `native` backend and processors that call
-torch's SDPA themselves (AttnProcessor2_0, JointAttnProcessor2_0, ...) alike. torch.compile traces the
-mode and the kernel's custom op into the compiled blocks with no graph break. It wraps the denoiser
-rather than the whole pipeline call because the text encoders (CLIP's causal mask, T5's position
-bias) and the VAE (one head of 512 channels) call SDPA in ways the kernel does not take, and the time
-is in the denoiser.
+The kernel is a layer of the SDPA route (accel.sdpa_route) on the denoiser's attention processors:
+diffusers' dispatcher's `native` backend and processors that call torch's SDPA themselves
+(AttnProcessor2_0, JointAttnProcessor2_0, ...) alike, and nothing else: the text encoders (CLIP's
+causal mask, T5's position bias) and the VAE (one head of 512 channels) call SDPA in ways the kernel
+does not take, and the time is in the denoiser. The kernel is a custom op, so torch.compile traces it
+into the compiled blocks with no graph break; under sequence parallelism the sharded attention's
+calls reach it.
 
 A call the kernel does not take (a mask that is not per key, causal, dropout, GQA, ...) raises an
 AccelError naming what it got; with `fallback: true` torch's SDPA runs it instead, and `stats()`
@@ -23,22 +23,17 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from torch.overrides import TorchFunctionMode
 
+from accel import intercept, sdpa_route
 from accel.context import ApplyContext
 from accel.errors import AccelError, require
-from accel.models.layered_forward import wrap
-from accel.pipeline_calls import add_call_hook
 from accel.registry import register
 from accel.strategies.attention import head_dim_of
 
-# torch's own SDPA: what the mode sees called, also while accel's attention route (accel.models.attention_route,
-# used by the parallel stage) has put its routed function under the name F.scaled_dot_product_attention
-TORCH_SDPA = torch._C._nn.scaled_dot_product_attention
 fallbacks: collections.Counter = collections.Counter()  # SDPA calls torch ran instead, per reason, as they ran
 
 
-@dataclass
+@dataclass(frozen=True)
 class TritonAttentionConfig:
     strategy: str = "accel_triton"
     qk: str = "bf16"  # bf16: Q·K^T in the model's half type | int8: SageAttention-style 8-bit Q·K^T
@@ -81,9 +76,8 @@ def counted_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, at
     """torch's SDPA for a call the kernel does not take, counted under `reason` when it runs (a custom op,
     so that compiled graphs count it too)."""
     fallbacks[reason] += 1
-    with torch._C.DisableTorchFunction():  # compiled graphs run this inside the mode: do not route it again
-        out = TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                         scale=scale, enable_gqa=enable_gqa)
+    out = sdpa_route.TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                                scale=scale, enable_gqa=enable_gqa)
     return out.contiguous()
 
 
@@ -92,47 +86,30 @@ def _(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, rea
     return query.new_empty((*query.shape[:-1], value.shape[-1]))
 
 
-class TritonSDPA(TorchFunctionMode):
-    """Routes torch's SDPA calls to our kernel; the others pass through untouched."""
+def triton_layer(qk: str, fallback: bool) -> sdpa_route.Layer:
+    """The SDPA-route layer that runs our kernel for the calls it takes (the others: torch's, counted, or refused)."""
+    from accel.kernels.attention import attention, attention_problem
 
-    def __init__(self, qk: str, fallback: bool):
-        super().__init__()
-        self.qk, self.fallback = qk, fallback
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not TORCH_SDPA:
-            if getattr(func, "__module__", None) == "torch._tensor":
-                # Tensor methods written in Python (unflatten calls super() of a C method, which dynamo cannot
-                # trace when the mode hands it the function): call them as methods, which dynamo knows
-                return getattr(args[0], func.__name__)(*args[1:], **kwargs)
-            return func(*args, **kwargs)
-        from accel.kernels.attention import SDPA_ARGUMENTS, attention, attention_problem
-
-        call = dict(zip(SDPA_ARGUMENTS, args), **kwargs)
-        problem = attention_problem(**call)
+    def layer(call_next, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+              enable_gqa=False):
+        problem = attention_problem(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         if problem is None:
-            return attention(call["query"], call["key"], call["value"], call.get("attn_mask"), call.get("scale"),
-                             self.qk)
-        if not self.fallback:
+            return attention(query, key, value, attn_mask, scale, qk)
+        if not fallback:
             raise AccelError(f"attention.strategy='accel_triton' cannot run this attention call: {problem} "
                              "(attention.fallback=true runs torch's SDPA for such calls)")
-        return counted_sdpa(call["query"], call["key"], call["value"], call.get("attn_mask"),
-                            call.get("dropout_p", 0.0), call.get("is_causal", False), call.get("scale"),
-                            call.get("enable_gqa", False), problem)
+        return counted_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, problem)
+
+    return layer
 
 
 class TritonAttentionHandle:
     def __init__(self, ctx: ApplyContext, config: TritonAttentionConfig):
         self.config = config
-        mode = TritonSDPA(config.qk, config.fallback)
-
-        def in_mode(inner, *args, **kwargs):
-            with mode:
-                return inner(*args, **kwargs)
-
         self._start = self._counts()
-        self._undo = [wrap(ctx.denoiser, in_mode), add_call_hook(ctx.pipe, self._generation)]
+        self._undo = contextlib.ExitStack()
+        self._undo.callback(sdpa_route.add_layer(ctx.denoiser, "attention", triton_layer(config.qk, config.fallback)))
+        self._undo.callback(intercept.around_each(ctx.pipe, "__call__", "attention", self._generation))
 
     def _counts(self) -> tuple[int, collections.Counter]:
         from accel.kernels.attention import launches
@@ -152,8 +129,7 @@ class TritonAttentionHandle:
                 "fallback_calls": sum(fell_back.values()), "fallbacks": dict(fell_back)}
 
     def remove(self) -> None:
-        while self._undo:
-            self._undo.pop()()
+        self._undo.close()
 
 
 @register("accel_triton", stage="attention", config_cls=TritonAttentionConfig, check=check_triton)
