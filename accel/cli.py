@@ -91,7 +91,7 @@ def _run(args, task: Task, preflight: Optional[Preflight], task_name: str) -> li
         return [outcome.line() for outcome in getattr(result, "failures", [])]
     cfg = _compose(lambda: hydra.compose_config(config_name, overrides, run_mode=RunMode.RUN,
                                                 with_log_configuration=True))
-    recipe = recipe_of(cfg, overrides, complete=config_name == "accel")
+    recipe = recipe_of(cfg, overrides)
     if args.cfg:
         _print_cfg(args.cfg, cfg, recipe)
         return []

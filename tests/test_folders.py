@@ -2,6 +2,7 @@
 that holds something is never written into."""
 import multiprocessing
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ RACERS = 8
 def _race(target: str, barrier, results) -> None:
     barrier.wait()
     folder = claim_folder(Path(target))
+    time.sleep(0.5)  # a run writes its first file a while after it claimed its folder
     (folder / f"{os.getpid()}.txt").write_text("mine")
     results.put(str(folder))
 
