@@ -11,7 +11,7 @@ from accel import registry
 from accel.config import compose
 from accel.context import ApplyContext
 from accel.errors import AccelError, ConfigError
-from accel.models.adapters import for_pipeline
+from accel.families import for_pipeline
 from accel.models.loading import load
 from accel.parallel.mesh import Mesh, join
 from accel.recipe import ModelConfig, Recipe, check_device

@@ -26,7 +26,7 @@ from accel.api import load_pipeline
 from accel.context import relative_l1
 from accel.errors import AccelError, ConfigError, one_line_errors
 from accel.job import generation_kwargs
-from accel.models.adapters import ADAPTERS, for_pipeline
+from accel.families import ADAPTERS, for_pipeline
 from accel.prompts import PHOTO, prompt_set
 from accel.recipe import Recipe
 from accel.strategies.block_cache import TimestepReader

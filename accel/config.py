@@ -28,7 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from accel import registry, resources
 from accel.errors import ConfigError
-from accel.list import overview
+from accel.catalog import overview
 from accel.recipe import JobConfig, ModelConfig, Recipe, refuse_code
 from accel.recipe_source import install as install_recipe_source
 from accel.recipe_source import recipe_file

@@ -7,7 +7,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from accel.models.adapters import BlockAdapter, for_pipeline
+from accel.families import for_pipeline
+from accel.models.adapters import BlockAdapter
 from accel.parallel.mesh import Mesh
 
 

@@ -22,7 +22,8 @@ import torch
 from accel import registry
 from accel.config import compose
 from accel.errors import AccelError, ConfigError, one_line_errors
-from accel.models.adapters import ADAPTERS, BlockAdapter
+from accel.families import ADAPTERS
+from accel.models.adapters import BlockAdapter
 from accel.models.loading import component_configs, locate, resolve_device
 from accel.recipe import Recipe
 

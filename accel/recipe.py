@@ -19,7 +19,7 @@ import accel.strategies  # noqa: F401  every strategy registered: a recipe names
 from accel import registry
 from accel.errors import ConfigError, require
 from accel.metrics import check_names
-from accel.models.adapters import ADAPTERS
+from accel.families import ADAPTERS
 from accel.models.loading import packaged_pipelines
 from accel.schema import to_dataclass
 

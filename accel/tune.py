@@ -22,7 +22,7 @@ import math
 import statistics
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
@@ -38,7 +38,7 @@ from accel.doctor import check as doctor_check
 from accel.errors import ConfigError, one_line_errors, require
 from accel.job import generation_kwargs, quiet_loading, timed_generation, write_replay_recipe
 from accel.prompts import prompt_set
-from accel.models.adapters import for_pipeline
+from accel.families import for_pipeline
 from accel.models.loading import resolve_device
 from accel.recipe import Recipe
 from accel.schema import to_dataclass

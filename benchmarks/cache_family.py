@@ -32,7 +32,7 @@ from accel import calibrate
 from accel.prompts import toy_prompts
 from accel.strategies.teacache import ORDER
 from accel.metrics import metrics, task_accuracy
-from accel.models.adapters import ADAPTERS
+from accel.families import ADAPTERS
 from accel.toy.shapes import Scene
 from common import describe, load, timed
 

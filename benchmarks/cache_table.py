@@ -16,7 +16,7 @@ import statistics
 import numpy as np
 
 import accel
-from accel.models.adapters import ADAPTERS
+from accel.families import ADAPTERS
 from accel.report import quality
 from common import describe, load, parse_args, timed
 

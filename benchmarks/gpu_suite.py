@@ -345,7 +345,7 @@ def flux_pipeline(sizes: Sizes):
     encoders are the tiny ones, as prompt embeddings are given."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-    from accel.models.tiny.flux import tiny_clip, tiny_t5
+    from accel.models.tiny.parts import tiny_clip, tiny_t5
 
     text_encoder, tokenizer = tiny_clip()
     text_encoder_2, tokenizer_2 = tiny_t5()

@@ -13,14 +13,18 @@ import torch
 import torch.distributed as dist
 
 import accel
-from tests.helpers import generate, tiny_pipeline
+from accel.families import FAMILIES
+from tests.helpers import generate, tiny_option, tiny_pipeline
 
 FBCACHE = {"strategy": "fbcache", "residual_diff_threshold": 0.4}
 EAGER_COMPILE = {"strategy": "torch", "backend": "eager"}
 VIDEO = {"height": 32, "width": 32, "num_frames": 5}
-# name: (model, parallel degrees, other stages, generation options)
+# name: (model, parallel degrees, other stages, generation options). Every sequence-parallel family gets
+# "<family>_ulysses" (FBCache over a 2-way Ulysses split at its tiny size); the rest are the cases that
+# need their own set-up (ring, padding, CFG, compile, masks, 4 ranks).
 CASES = {
-    "flux_ulysses": ("flux_tiny", {"ulysses": 2}, {"cache": FBCACHE}, {}),
+    **{f"{name}_ulysses": (tiny_option(name), {"ulysses": 2}, {"cache": FBCACHE}, FAMILIES[name].tiny_call)
+       for name, family in sorted(FAMILIES.items()) if family.adapter.sequence is not None},
     "flux_ring": ("flux_tiny", {"ring": 2}, {"cache": FBCACHE}, {}),
     "flux_ulysses_compiled": ("flux_tiny", {"ulysses": 2}, {"cache": FBCACHE, "compile": EAGER_COMPILE}, {}),
     "flux_true_cfg": ("flux_tiny", {"cfg": 2}, {"cache": FBCACHE},
@@ -28,7 +32,6 @@ CASES = {
     "sd35_ulysses_padded": ("sd35_tiny", {"ulysses": 2}, {"cache": FBCACHE}, {}),
     "sd35_cfg_batched": ("sd35_tiny", {"cfg": 2}, {"cache": FBCACHE}, {}),
     "wan_cfg": ("wan_tiny", {"cfg": 2}, {"cache": FBCACHE}, VIDEO),
-    "wan_ulysses": ("wan_tiny", {"ulysses": 2}, {}, VIDEO),
     "hunyuan_ring_masked": ("hunyuan_video_tiny", {"ring": 2}, {"cache": FBCACHE}, VIDEO),
     "flux_ulysses_ring": ("flux_tiny", {"ulysses": 2, "ring": 2}, {"cache": FBCACHE}, {}),
     "flux_cfg_ulysses": ("flux_tiny", {"cfg": 2, "ulysses": 2}, {"cache": FBCACHE},

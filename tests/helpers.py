@@ -4,8 +4,10 @@ from __future__ import annotations
 import functools
 
 import torch
+from omegaconf import OmegaConf
 
 import accel
+from accel import resources
 
 STEPS = 8
 IDENTITY = [0.0, 0.0, 0.0, 1.0, 0.0]  # TeaCache coefficients of rescale(d) = d (an order-4 polynomial, highest first)
@@ -14,6 +16,15 @@ IDENTITY = [0.0, 0.0, 0.0, 1.0, 0.0]  # TeaCache coefficients of rescale(d) = d 
 @functools.lru_cache(maxsize=None)
 def _model_cfg(model: str):
     return accel.compose(None, [f"model={model}"]).model
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_option(family: str) -> str:
+    """A family's embedded tiny model option (conf/model/*.yaml with source: tiny; the plainest one)."""
+    options = [p.stem for p in (resources.conf_dir() / "model").glob("*.yaml")
+               if OmegaConf.load(p).get("source") == "tiny" and OmegaConf.load(p).get("architecture") == family]
+    assert options, f"family {family} has no tiny model option in conf/model/"
+    return min(options, key=len)
 
 
 def tiny_pipeline(model: str = "flux_tiny"):

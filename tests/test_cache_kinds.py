@@ -92,7 +92,7 @@ def test_teacache_resets_its_accumulated_distance_after_a_full_step(pipe):
 def test_teacaches_distance_is_always_to_the_previous_steps_modulated_input(pipe):
     """TeaCache compares consecutive steps, hits included (its accumulated sum carries the drift across
     them): each reported distance against the modulated inputs a hook of the test's own recorded."""
-    from accel.models.adapters import for_pipeline
+    from accel.families import for_pipeline
 
     adapter = for_pipeline(pipe)
     first = adapter.blocks(pipe.transformer)[0]
@@ -197,3 +197,42 @@ def test_coefficients_fitted_on_another_architecture_warn_in_one_line(pipe, capl
         accel.apply(pipe, {"cache": {"strategy": "teacache", "coefficients": IDENTITY, "fitted_on": "sd3"}}).remove()
     [record] = [r for r in caplog.records if r.name == "accel"]
     assert re.search("fitted on sd3.*this is a flux model", record.getMessage()) and "\n" not in record.getMessage()
+
+
+def test_teacache_without_coefficients_or_probe_says_what_to_do():
+    from tests.helpers import tiny_pipeline
+
+    sd3 = tiny_pipeline("sd35_tiny")
+    with pytest.raises(AccelError, match="no published TeaCache coefficients.*accel.calibrate"):
+        accel.apply(sd3, {"cache": {"strategy": "teacache"}})
+    with accel.apply(sd3, {"cache": {"strategy": "teacache", "coefficients": IDENTITY}}) as applied:
+        assert applied.stats()["cache"]["strategy"] == "teacache"
+    sdxl = tiny_pipeline("sdxl_tiny")
+    with pytest.raises(AccelError, match="modulated-input probe"):
+        accel.apply(sdxl, {"cache": {"strategy": "teacache"}})
+    with pytest.raises(AccelError, match="last_blocks=1"):
+        accel.apply(sdxl, {"cache": {"strategy": "mbcache", "first_blocks": 1, "last_blocks": 1}})
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_a_cache_on_a_controlnet_pipeline_is_refused_saying_why(family):
+    """A ControlNet's residuals are added between the blocks a hit skips: refused, not silently wrong."""
+    import diffusers
+
+    from tests.helpers import tiny_option, tiny_pipeline
+
+    base = tiny_pipeline(tiny_option(family))
+    if family == "sdxl":
+        controlnet = diffusers.ControlNetModel.from_unet(base.unet)
+        pipe = diffusers.StableDiffusionXLControlNetPipeline.from_pipe(base, controlnet=controlnet)
+    else:
+        config = base.transformer.config
+        controlnet = diffusers.FluxControlNetModel(
+            in_channels=config.in_channels, num_layers=1, num_single_layers=1, attention_head_dim=config.attention_head_dim,
+            num_attention_heads=config.num_attention_heads, joint_attention_dim=config.joint_attention_dim,
+            pooled_projection_dim=config.pooled_projection_dim, axes_dims_rope=config.axes_dims_rope)
+        pipe = diffusers.FluxControlNetPipeline.from_pipe(base, controlnet=controlnet)
+    with pytest.raises(AccelError, match=r"^cache.strategy='fbcache' is not allowed on .*ControlNetPipeline: its "
+                                         r"ControlNet adds residuals between the denoiser's blocks"):
+        accel.apply(pipe, {"cache": {"strategy": "fbcache"}})
+    assert type(pipe).__name__.endswith("ControlNetPipeline") and "_accel_layers" not in vars(pipe)

@@ -4,7 +4,6 @@ remove() restores the eager model exactly. Most tests use dynamo's `eager` backe
 no code generation) to stay fast on 2 CPU cores; inductor runs in the composition test."""
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 import accel
 from accel.context import ApplyContext

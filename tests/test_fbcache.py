@@ -6,7 +6,7 @@ import torch
 
 import accel
 from accel.errors import AccelError
-from accel.models.adapters import ADAPTERS, for_pipeline
+from accel.families import ADAPTERS, for_pipeline
 from accel.strategies.block_cache import relative_l1
 from tests.helpers import STEPS, CallCounter, cache_recipe, flux_blocks, generate, tiny_pipeline
 

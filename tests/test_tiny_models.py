@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from accel.models.tiny import BUILDERS, tokenizers
+from accel.families import FAMILIES
+from accel.models.tiny import tokenizers
 from tests.helpers import generate
 
 SMALL = dict(num_inference_steps=2, height=32, width=32)
@@ -34,6 +35,10 @@ def small_generate(pipe, **kwargs) -> torch.Tensor:
     return generate(pipe, **{**SMALL, **kwargs})
 
 
+def build(name: str, **overrides):
+    return FAMILIES[name].build_tiny(**overrides)
+
+
 @pytest.mark.parametrize("make", [tokenizers.clip_tokenizer, tokenizers.t5_tokenizer])
 def test_tokenizers_encode_any_prompt_and_survive_a_save_and_reload(make, tmp_path):
     tokenizer = make()
@@ -48,17 +53,17 @@ def test_tokenizers_encode_any_prompt_and_survive_a_save_and_reload(make, tmp_pa
                                expected)
 
 
-@pytest.mark.parametrize("architecture", sorted(BUILDERS))
+@pytest.mark.parametrize("architecture", sorted(FAMILIES))
 def test_same_seed_same_weights_other_seed_other_weights(architecture):
-    first, again, other = (_state(BUILDERS[architecture](seed=s)) for s in (0, 0, 1))
+    first, again, other = (_state(build(architecture, seed=s)) for s in (0, 0, 1))
     assert first.keys() == again.keys()
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert any(not torch.equal(first[k], other[k]) for k in first if first[k].is_floating_point())
 
 
-@pytest.mark.parametrize("architecture", sorted(BUILDERS))
+@pytest.mark.parametrize("architecture", sorted(FAMILIES))
 def test_a_saved_pipeline_loads_back_and_generates_the_same_output(architecture, tmp_path):
-    pipe = BUILDERS[architecture]()
+    pipe = build(architecture)
     pipe.save_pretrained(tmp_path)
     loaded = type(pipe).from_pretrained(tmp_path)
     _into_fresh_memory(loaded)
@@ -76,7 +81,7 @@ def test_a_saved_pipeline_loads_back_and_generates_the_same_output(architecture,
     ("sd3", dict(num_layers=3, attention_head_dim=24, num_attention_heads=3)),
 ])
 def test_denoiser_overrides_apply_and_the_pipeline_still_generates(architecture, overrides):
-    pipe = BUILDERS[architecture](**overrides)
+    pipe = build(architecture, **overrides)
     pipe.set_progress_bar_config(disable=True)
     assert {k: pipe.transformer.config[k] for k in overrides} == overrides
     assert len(pipe.transformer.transformer_blocks) == overrides["num_layers"]
@@ -87,7 +92,7 @@ def test_denoiser_overrides_apply_and_the_pipeline_still_generates(architecture,
 
 
 def test_sd3_runs_classifier_free_guidance_as_one_batch():
-    pipe = BUILDERS["sd3"]()
+    pipe = build("sd3")
     pipe.set_progress_bar_config(disable=True)
     batch_sizes = []
     hook = pipe.transformer.register_forward_pre_hook(
@@ -104,7 +109,7 @@ def test_sd3_runs_classifier_free_guidance_as_one_batch():
 def test_hunyuan_template_crop_keeps_exactly_the_prompt_after_a_reload(tmp_path):
     from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 
-    BUILDERS["hunyuan_video"]().save_pretrained(tmp_path)
+    build("hunyuan_video").save_pretrained(tmp_path)
     from diffusers import HunyuanVideoPipeline
 
     loaded = HunyuanVideoPipeline.from_pretrained(tmp_path)

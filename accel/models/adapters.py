@@ -1,12 +1,10 @@
-"""One adapter per architecture: where a pipeline's denoiser and its blocks are, what a block
-takes and returns, and the architecture's indicator for timestep-aware caches.
-
-Caches are written against this interface only; adding a model is one adapter plus one config.
+"""What a family declares of its denoiser (accel.families): where a pipeline's denoiser and its
+blocks are, what a block takes and returns, the indicator timestep-aware caches probe, how sequence
+parallelism splits its tokens, and the sizes it makes. Caches are written against this interface only.
 """
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -163,138 +161,18 @@ class SizeRule:
         return found
 
 
-def _vae_factor(configs: dict) -> int:
+def vae_factor(configs: dict) -> int:
+    """How much a 2D VAE of this config downsamples: 2 per block after the first."""
     return 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
 
 
-def _flux_size(configs):  # latents are packed 2×2 into tokens
-    return SizeRule(_vae_factor(configs) * 2)
-
-
-def _sd3_size(configs):
-    return SizeRule(_vae_factor(configs) * configs["denoiser"].get("patch_size", 2))
-
-
-def _hunyuan_size(configs):  # the pipeline asks for multiples of 16 whatever the VAE
-    vae, patch = configs["vae"], configs["denoiser"].get("patch_size", 2)
-    return SizeRule(math.lcm(16, vae.get("spatial_compression_ratio", 8) * patch),
-                    vae.get("temporal_compression_ratio", 4))
-
-
-def _wan_size(configs):
-    vae, patch = configs["vae"], configs["denoiser"].get("patch_size", (1, 2, 2))
-    return SizeRule(math.lcm(16, (vae.get("scale_factor_spatial") or 8) * patch[1]),
-                    vae.get("scale_factor_temporal") or 4)
-
-
-def _norm1_modulated_input(module, block, args, kwargs):
+def norm1_modulated_input(module, block, args, kwargs):
     """(1 + scale) * LN(x) + shift from the block's AdaLayerNormZero, as TeaCache probes FLUX, SD3 and HunyuanVideo."""
     hidden = block.arg("hidden_states", args, kwargs)
     return module.norm1(hidden, emb=block.arg("temb", args, kwargs))[0]
-
-
-def _timestep_embedding(module, block, args, kwargs):
-    """Wan's TeaCache probe: the timestep projection every block is modulated with."""
-    return block.arg("temb", args, kwargs)
-
-
-def _wan_coefficients(config) -> Optional[tuple[float, ...]]:
-    """Wan 2.1's published coefficients by variant: T2V 1.3B (dim 1536) or 14B (dim 5120); I2V has 36 input channels."""
-    dim = config["num_attention_heads"] * config["attention_head_dim"]
-    if config["in_channels"] == 36:
-        return None  # I2V coefficients differ by resolution (480P / 720P): set cache.coefficients
-    return {5120: (-5784.54975374, 5449.50911966, -1811.16591783, 256.27178429, -13.02252404)}.get(
-        dim, (2396.76752, -1311.10545, 201.331979, -8.29855975, 0.137887774))
 
 
 ENCODER_FIRST = BlockIO(hidden_out=1, encoder_out=0, n_out=2)  # blocks returning (encoder, hidden)
 HIDDEN_FIRST = BlockIO(hidden_out=0, encoder_out=1, n_out=2)  # blocks returning (hidden, encoder)
 HIDDEN_ONLY = BlockIO(hidden_out=None)  # blocks returning hidden states; text enters by cross-attention
 UNET_DOWN = BlockIO(hidden_out=0, n_out=2, fill=())  # (hidden, skip samples for the up blocks)
-
-ADAPTERS: dict[str, BlockAdapter] = {
-    "flux": BlockAdapter(
-        architecture="flux",
-        pipeline_class="FluxPipeline",
-        denoiser_attr="transformer",
-        denoiser_class="FluxTransformer2DModel",
-        block_lists=("transformer_blocks", "single_transformer_blocks"),
-        block_io={"FluxTransformerBlock": ENCODER_FIRST, "FluxSingleTransformerBlock": ENCODER_FIRST},
-        modulated_input=_norm1_modulated_input,
-        teacache_coefficients=lambda config: (498.651651, -283.781631, 55.8554382, -3.82021401, 0.264230861),
-        block_count=lambda config: config["num_layers"] + config["num_single_layers"],
-        size_rule=_flux_size,
-        published_size=SizeRule(16),
-        sequence=SequencePlan(joint="encoder_first", rotary_args=("image_rotary_emb",), rotary_covers="joint"),
-    ),
-    "sd3": BlockAdapter(
-        architecture="sd3",
-        pipeline_class="StableDiffusion3Pipeline",
-        denoiser_attr="transformer",
-        denoiser_class="SD3Transformer2DModel",
-        block_lists=("transformer_blocks",),
-        block_io={"JointTransformerBlock": ENCODER_FIRST},
-        modulated_input=_norm1_modulated_input,
-        size_rule=_sd3_size,
-        published_size=SizeRule(16),
-        sequence=SequencePlan(joint="hidden_first"),
-        batched_cfg=True,
-    ),
-    "hunyuan_video": BlockAdapter(
-        architecture="hunyuan_video",
-        pipeline_class="HunyuanVideoPipeline",
-        denoiser_attr="transformer",
-        denoiser_class="HunyuanVideoTransformer3DModel",
-        block_lists=("transformer_blocks", "single_transformer_blocks"),
-        block_io={"HunyuanVideoTransformerBlock": HIDDEN_FIRST, "HunyuanVideoSingleTransformerBlock": HIDDEN_FIRST},
-        modulated_input=_norm1_modulated_input,
-        teacache_coefficients=lambda config: (733.226126, -401.131952, 67.5869174, -3.14987800, 0.0961237896),
-        block_count=lambda config: config["num_layers"] + config["num_single_layers"],
-        size_rule=_hunyuan_size,
-        published_size=SizeRule(16, 4),
-        video=True,
-        sequence=SequencePlan(joint="hidden_first", rotary_args=("freqs_cis", "image_rotary_emb"),
-                              mask_arg="attention_mask"),
-    ),
-    "sdxl": BlockAdapter(
-        architecture="sdxl",
-        pipeline_class="StableDiffusionXLPipeline",
-        denoiser_attr="unet",
-        denoiser_class="UNet2DConditionModel",
-        block_lists=("down_blocks", "mid_block", "up_blocks"),
-        block_io={"DownBlock2D": UNET_DOWN, "CrossAttnDownBlock2D": UNET_DOWN, "UNetMidBlock2DCrossAttn": HIDDEN_ONLY,
-                  "UpBlock2D": HIDDEN_ONLY, "CrossAttnUpBlock2D": HIDDEN_ONLY},
-        residual_base="span_input",
-        published_size=SizeRule(8),
-        block_count=lambda config: len(config["down_block_types"]) + 1 + len(config["up_block_types"]),
-        batched_cfg=True,  # no sequence plan: a UNet's convolutions need their neighbours; CFG parallel only
-    ),
-    "wan": BlockAdapter(
-        architecture="wan",
-        pipeline_class="WanPipeline",
-        denoiser_attr="transformer",
-        denoiser_class="WanTransformer3DModel",
-        block_lists=("blocks",),
-        block_io={"WanTransformerBlock": HIDDEN_ONLY},
-        modulated_input=_timestep_embedding,
-        teacache_coefficients=_wan_coefficients,
-        size_rule=_wan_size,
-        published_size=SizeRule(16, 4),
-        video=True,
-        sequence=SequencePlan(joint=None, rotary_args=("rotary_emb",), rotary_dim=1),
-    ),
-}
-
-
-def for_pipeline(pipe) -> BlockAdapter:
-    """The adapter whose denoiser class (or a subclass, compiled or not) the pipeline holds; an AccelError
-    naming the supported ones if none."""
-    for adapter in ADAPTERS.values():
-        if isinstance(unwrap(getattr(pipe, adapter.denoiser_attr, None)), adapter.denoiser_type()):
-            return adapter
-    held = {attr: type(unwrap(getattr(pipe, attr))).__name__ for attr in ("transformer", "unet")
-            if getattr(pipe, attr, None) is not None}
-    supported = ", ".join(f"{a.architecture} ({a.denoiser_class})" for a in ADAPTERS.values())
-    raise AccelError(
-        f"{type(pipe).__name__} with denoiser {held or 'none'} has no block adapter; supported architectures: {supported}"
-    )

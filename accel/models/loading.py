@@ -4,6 +4,7 @@ same architecture fabricated offline once, saved with `save_pretrained` and load
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -16,8 +17,7 @@ import torch
 
 from accel import resources
 from accel.errors import AccelError
-from accel.models.adapters import ADAPTERS
-from accel.models.tiny import BUILDERS
+from accel.families import FAMILIES
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -31,16 +31,18 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def _fabrication_code_digest() -> str:
-    """A hash of the fabrication code, so a changed builder never reuses a pipeline saved by an older one."""
-    folder = Path(__file__).parent / "tiny"
-    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(folder.glob("*.py")))).hexdigest()
+def _fabrication_code_digest(architecture: str) -> str:
+    """A hash of the fabrication code (the family's module and the shared tiny parts), so a changed
+    builder never reuses a pipeline saved by an older one."""
+    sources = [Path(inspect.getfile(FAMILIES[architecture].build_tiny)),
+               *sorted((Path(__file__).parent / "tiny").glob("*.py"))]
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()
 
 
 def tiny_pipeline_dir(model) -> Path:
     """Where the tiny pipeline of `model` is (or will be) saved: named by a hash of what defines it."""
     key = json.dumps({"arch": model.architecture, "tiny": dict(model.tiny), "seed": model.tiny_seed,
-                      "code": _fabrication_code_digest()}, sort_keys=True)
+                      "code": _fabrication_code_digest(model.architecture)}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return resources.cache_dir() / "tiny" / f"{model.architecture}-{digest}"
 
@@ -51,7 +53,7 @@ def fabricate_tiny(model) -> Path:
     if (target / "model_index.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    pipe = BUILDERS[model.architecture](seed=model.tiny_seed, **dict(model.tiny))
+    pipe = FAMILIES[model.architecture].build_tiny(seed=model.tiny_seed, **dict(model.tiny))
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     pipe.save_pretrained(staging, safe_serialization=True)
     try:
@@ -123,7 +125,7 @@ def _missing_weights(model, why: str) -> str:
 
 def load(model, device: str = "auto"):
     """Load the pipeline a ModelConfig names, on `device`, in the config's dtype."""
-    adapter = ADAPTERS[model.architecture]
+    adapter = FAMILIES[model.architecture].adapter
     dtype = getattr(torch, model.dtype)
     pipeline_type = adapter.pipeline_type()
     folder = locate(model)

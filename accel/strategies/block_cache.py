@@ -22,6 +22,7 @@ import torch
 
 from accel import intercept
 from accel.context import relative_l1
+from accel.errors import AccelError
 from accel.models.adapters import BlockAdapter, BoundBlock
 from accel.strategies.cache_controls import CacheControls
 from accel.strategies.forecast import ResidualForecast
@@ -115,6 +116,12 @@ class BlockCache:
 
     def __init__(self, ctx, controls: CacheControls, decider: Decider, last_blocks: int = 0):
         adapter: BlockAdapter = ctx.adapter
+        if getattr(ctx.pipe, "controlnet", None) is not None:
+            # the ControlNet's residuals are added between the blocks inside the denoiser's forward, every
+            # step: a hit would add them to the blocks it skips, on top of the residual it reuses
+            raise AccelError(f"cache.strategy={controls.strategy!r} is not allowed on {type(ctx.pipe).__name__}: "
+                             "its ControlNet adds residuals between the denoiser's blocks, which a cache hit "
+                             "skips; run it without a cache (cache=none), or without the ControlNet")
         self.pipe = ctx.pipe
         # what the parallel stage set, if it ran: distances over every rank's tokens, the CFG branch a rank runs
         self.distance = ctx.distance

@@ -3,7 +3,7 @@ model (smooth from step to step) and its samples can be checked against their pr
 
     python -m accel.toy.train [--seed 0] [--minutes 45] [--out DIR] [--threads 1]
 
-The architecture is `accel.models.tiny.flux`'s. The VAE learns to reconstruct the images; the text
+The architecture is the tiny FLUX of `accel.families.flux`. The VAE learns to reconstruct the images; the text
 encoders stay as built (random, frozen: their outputs still differ by prompt, and the transformer
 learns to read them); the transformer learns rectified flow on the VAE's latents, with the inputs
 FluxPipeline gives it. The pipeline is saved with `save_pretrained` and checked by sampling it
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from diffusers import FluxPipeline
 
-from accel.models.tiny import flux as tiny_flux
+from accel.families import flux as tiny_flux
 from accel.toy import checker, shapes
 
 RESOLUTION = 64

@@ -1,17 +1,34 @@
-"""A tiny HunyuanVideo pipeline with random weights: dual- and single-stream blocks, a 3D VAE, a Llama
-text encoder (with a local tokenizer that knows the pipeline's prompt template) and CLIP."""
+"""HunyuanVideo: HunyuanVideoTransformer3DModel's dual- then single-stream blocks, returning (hidden,
+encoder), with a text mask sequence parallelism carries; guidance as separate calls (true CFG) or
+embedded. The tiny pipeline: 2 + 2 blocks, a 3D VAE, a Llama text encoder (with a local tokenizer that
+knows the pipeline's prompt template) and CLIP."""
 from __future__ import annotations
 
+import math
 import re
 
 import torch
-from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline,
-                       HunyuanVideoTransformer3DModel)
-from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+from diffusers import (
+    AutoencoderKLHunyuanVideo,
+    FlowMatchEulerDiscreteScheduler,
+    HunyuanVideoPipeline,
+    HunyuanVideoTransformer3DModel,
+)
+from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import (
+    DEFAULT_PROMPT_TEMPLATE,
+)
 from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
 
+from accel.families import Family, register
+from accel.models.adapters import (
+    HIDDEN_FIRST,
+    BlockAdapter,
+    SequencePlan,
+    SizeRule,
+    norm1_modulated_input,
+)
 from accel.models.tiny import tokenizers
-from accel.models.tiny.flux import TEXT_DIM, tiny_clip
+from accel.models.tiny.parts import TEXT_DIM, evaluated, tiny_clip
 
 
 def rope_axes(head_dim: int) -> tuple[int, int, int]:
@@ -57,10 +74,35 @@ def build(seed: int = 0, **transformer_overrides) -> HunyuanVideoPipeline:
         vocab_size=len(tokenizer), max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
     text_encoder_2, tokenizer_2 = tiny_clip()
-    pipe = HunyuanVideoPipeline(text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae,
-                                scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=text_encoder_2,
-                                tokenizer_2=tokenizer_2)
-    for module in pipe.components.values():
-        if isinstance(module, torch.nn.Module):
-            module.eval()
-    return pipe
+    return evaluated(HunyuanVideoPipeline(text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
+                                          vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+                                          text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2))
+
+
+def hunyuan_size(configs) -> SizeRule:  # the pipeline asks for multiples of 16 whatever the VAE
+    vae, patch = configs["vae"], configs["denoiser"].get("patch_size", 2)
+    return SizeRule(math.lcm(16, vae.get("spatial_compression_ratio", 8) * patch),
+                    vae.get("temporal_compression_ratio", 4))
+
+
+FAMILY = register(Family(
+    adapter=BlockAdapter(
+        architecture="hunyuan_video",
+        pipeline_class="HunyuanVideoPipeline",
+        denoiser_attr="transformer",
+        denoiser_class="HunyuanVideoTransformer3DModel",
+        block_lists=("transformer_blocks", "single_transformer_blocks"),
+        block_io={"HunyuanVideoTransformerBlock": HIDDEN_FIRST, "HunyuanVideoSingleTransformerBlock": HIDDEN_FIRST},
+        modulated_input=norm1_modulated_input,
+        teacache_coefficients=lambda config: (733.226126, -401.131952, 67.5869174, -3.14987800, 0.0961237896),
+        block_count=lambda config: config["num_layers"] + config["num_single_layers"],
+        size_rule=hunyuan_size,
+        published_size=SizeRule(16, 4),
+        video=True,
+        sequence=SequencePlan(joint="hidden_first", rotary_args=("freqs_cis", "image_rotary_emb"),
+                              mask_arg="attention_mask"),
+    ),
+    build_tiny=build,
+    tiny_call={"height": 32, "width": 32, "num_frames": 5},
+    cfg_call={"negative_prompt": "blurry", "true_cfg_scale": 4.0},
+))
