@@ -46,7 +46,9 @@ def overview() -> str:
     for name, family in sorted(FAMILIES.items()):
         options = ", ".join(sorted(p.stem for p in (resources.conf_dir() / "model").glob("*.yaml")
                                    if f"architecture: {name}\n" in p.read_text()))
-        text = f"{family.adapter.denoiser_class} in {', '.join(family.pipelines)}; options: {options}"
+        published = ", ".join(sorted(family.adapter.teacache_published)) or "none (python -m accel.calibrate)"
+        text = (f"{family.adapter.denoiser_class} in {', '.join(family.pipelines)}; options: {options}; "
+                f"TeaCache polynomials (cache.published=): {published}")
         out.append(_entry(name, text, width))
     out += ["", "Strategies, in the order apply runs their stages:"]
     for strategy in registry.strategies():

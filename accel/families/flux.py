@@ -30,8 +30,9 @@ from accel.models.tiny.parts import (
     tiny_vae,
 )
 
-# TeaCache's published rescale polynomial for FLUX.1 (highest order first)
-TEACACHE = (498.651651, -283.781631, 55.8554382, -3.82021401, 0.264230861)
+# TeaCache's published rescale polynomials (highest order first): FLUX.1, and FLUX.1 Kontext (ComfyUI's)
+TEACACHE = {"flux": (498.651651, -283.781631, 55.8554382, -3.82021401, 0.264230861),
+            "flux_kontext": (-1046.55119, 312.563399, -16.9500694, 0.410995971, 0.0374537863)}
 
 
 def tiny_transformer(**overrides) -> FluxTransformer2DModel:
@@ -79,7 +80,8 @@ FAMILY = register(Family(
         block_lists=("transformer_blocks", "single_transformer_blocks"),
         block_io={"FluxTransformerBlock": ENCODER_FIRST, "FluxSingleTransformerBlock": ENCODER_FIRST},
         modulated_input=norm1_modulated_input,
-        teacache_coefficients=lambda config: TEACACHE,
+        teacache_coefficients=lambda config: TEACACHE["flux"],
+        teacache_published=TEACACHE,
         block_count=lambda config: config["num_layers"] + config["num_single_layers"],
         size_rule=flux_size,
         published_size=SizeRule(16),

@@ -79,6 +79,9 @@ def build(seed: int = 0, **transformer_overrides) -> HunyuanVideoPipeline:
                                           text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2))
 
 
+TEACACHE = {"hunyuan_video": (733.226126, -401.131952, 67.5869174, -3.14987800, 0.0961237896)}
+
+
 def hunyuan_size(configs) -> SizeRule:  # the pipeline asks for multiples of 16 whatever the VAE
     vae, patch = configs["vae"], configs["denoiser"].get("patch_size", 2)
     return SizeRule(math.lcm(16, vae.get("spatial_compression_ratio", 8) * patch),
@@ -94,7 +97,8 @@ FAMILY = register(Family(
         block_lists=("transformer_blocks", "single_transformer_blocks"),
         block_io={"HunyuanVideoTransformerBlock": HIDDEN_FIRST, "HunyuanVideoSingleTransformerBlock": HIDDEN_FIRST},
         modulated_input=norm1_modulated_input,
-        teacache_coefficients=lambda config: (733.226126, -401.131952, 67.5869174, -3.14987800, 0.0961237896),
+        teacache_coefficients=lambda config: TEACACHE["hunyuan_video"],
+        teacache_published=TEACACHE,
         block_count=lambda config: config["num_layers"] + config["num_single_layers"],
         size_rule=hunyuan_size,
         published_size=SizeRule(16, 4),

@@ -45,13 +45,22 @@ def timestep_embedding(module, block, args, kwargs):
     return block.arg("temb", args, kwargs)
 
 
+# TeaCache's published rescale polynomials for Wan 2.1 (highest order first); I2V's differ by resolution
+TEACACHE = {
+    "wan2.1_t2v_1.3b": (2396.76752, -1311.10545, 201.331979, -8.29855975, 0.137887774),
+    "wan2.1_t2v_14b": (-5784.54975374, 5449.50911966, -1811.16591783, 256.27178429, -13.02252404),
+    "wan2.1_i2v_480p": (-302.331670, 223.948934, -52.5463970, 5.87348440, -0.201973289),
+    "wan2.1_i2v_720p": (-114.36346466, 65.26524496, -18.82220707, 4.91518089, -0.23412683),
+}
+
+
 def teacache_coefficients(config) -> Optional[tuple[float, ...]]:
-    """Wan 2.1's published coefficients by variant: T2V 1.3B (dim 1536) or 14B (dim 5120); I2V has 36 input channels."""
+    """Wan 2.1's published coefficients by variant: T2V 1.3B (dim 1536) or 14B (dim 5120); I2V (36 input channels)
+    has one per resolution, so it takes cache.published=wan2.1_i2v_480p or _720p."""
     dim = config["num_attention_heads"] * config["attention_head_dim"]
     if config["in_channels"] == 36:
-        return None  # I2V coefficients differ by resolution (480P / 720P): set cache.coefficients
-    return {5120: (-5784.54975374, 5449.50911966, -1811.16591783, 256.27178429, -13.02252404)}.get(
-        dim, (2396.76752, -1311.10545, 201.331979, -8.29855975, 0.137887774))
+        return None
+    return TEACACHE["wan2.1_t2v_14b" if dim == 5120 else "wan2.1_t2v_1.3b"]
 
 
 def wan_size(configs) -> SizeRule:
@@ -70,6 +79,7 @@ FAMILY = register(Family(
         block_io={"WanTransformerBlock": HIDDEN_ONLY},
         modulated_input=timestep_embedding,
         teacache_coefficients=teacache_coefficients,
+        teacache_published=TEACACHE,
         size_rule=wan_size,
         published_size=SizeRule(16, 4),
         video=True,

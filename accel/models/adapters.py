@@ -98,6 +98,8 @@ class BlockAdapter:
     # TeaCache's published rescale polynomial (highest order first) for a given denoiser, where one exists
     # (from the denoiser's config, a mapping, so the doctor can ask before any weights load)
     teacache_coefficients: Optional[Callable[[Any], Optional[tuple[float, ...]]]] = None
+    # every rescale polynomial TeaCache publishes for this family, by name (cache.published=NAME)
+    teacache_published: dict[str, tuple[float, ...]] = field(default_factory=dict)
     # how many blocks the denoiser of a given config has (the doctor checks Fn + Bn against it)
     block_count: Callable[[Any], int] = lambda config: config["num_layers"]
     # What heights and widths (multiples of `spatial`) and, for video, frame counts (t·k + 1) the

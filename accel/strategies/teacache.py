@@ -67,6 +67,7 @@ class TeaCacheConfig(CacheControls):
     strategy: str = "teacache"
     rel_l1_threshold: float = 0.4  # 0: never cache. FLUX published: 0.25 -> 1.5x, 0.4 -> 1.8x, 0.6 -> 2.0x
     coefficients: Optional[list[float]] = None  # rescale polynomial, highest order first; null: the model's published
+    published: Optional[str] = None  # a published polynomial by name (python -m accel.list); null: the family's default
     fitted_on: Optional[str] = None  # the architecture accel.calibrate fitted `coefficients` on
 
     def __post_init__(self):
@@ -75,6 +76,8 @@ class TeaCacheConfig(CacheControls):
         require(self.coefficients is None or len(self.coefficients) == ORDER + 1, "coefficients", self.coefficients,
                 f"null (the model's published ones) or the {ORDER + 1} coefficients of an order-{ORDER} polynomial, "
                 "highest order first, as TeaCache publishes and accel.calibrate fits them")
+        require(self.coefficients is None or self.published is None, "published", self.published,
+                "null when coefficients are given (the one or the other)")
 
     @staticmethod
     def search_space(trial, blocks: int) -> dict:
@@ -92,6 +95,13 @@ def _coefficients(adapter, denoiser_config, config: TeaCacheConfig) -> tuple[Opt
     if adapter.modulated_input is None:
         return None, [f"strategy=teacache needs a modulated-input probe, which the {adapter.architecture} adapter lacks"]
     coefficients = config.coefficients
+    if config.published is not None:
+        named = adapter.teacache_published
+        if config.published not in named:
+            return None, [f"published={config.published!r} is not a polynomial TeaCache publishes for "
+                          f"{adapter.architecture}: " + (f"one of {', '.join(sorted(named))}" if named else
+                                                         "it publishes none; fit one with python -m accel.calibrate")]
+        coefficients = named[config.published]
     if coefficients is None and adapter.teacache_coefficients is not None:
         coefficients = adapter.teacache_coefficients(denoiser_config)
     if coefficients is None:
@@ -101,8 +111,9 @@ def _coefficients(adapter, denoiser_config, config: TeaCacheConfig) -> tuple[Opt
 
 
 def check_teacache(facts, config: TeaCacheConfig) -> list[str]:
-    if facts.configs is None:
-        own = _coefficients(facts.adapter, None, config)[1] if facts.adapter.modulated_input is None else []
+    if facts.configs is None:  # the default polynomial depends on the denoiser's config: only a name is checked here
+        own = _coefficients(facts.adapter, None, config)[1] if facts.adapter.modulated_input is None or \
+            config.published is not None else []
     else:
         own = _coefficients(facts.adapter, facts.configs["denoiser"], config)[1]
     return [*own, *check_controls(facts, config)]
